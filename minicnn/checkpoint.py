@@ -1,0 +1,146 @@
+"""Save and load models as one ``.npz``: arrays keyed by layer path plus JSON metadata.
+
+File layout (loaded with ``allow_pickle=False``, so loading runs no code)::
+
+    "0.weight", "0.bias", ...   parameter arrays, keyed as PyTorch's state_dict
+    "__metadata__"              a 0-d unicode array holding a JSON object:
+        format, format_version, model, config, class_names,
+        normalization {mean, std}, training {...}, test_accuracy, ...
+
+Writes are atomic: the file is written beside the target and renamed over it,
+so an interrupted save never leaves a half-written file. Saving copies arrays
+to the host without moving the model itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy
+
+from minicnn import backend
+from minicnn.errors import MinicnnError
+from minicnn.models import MODELS, build_model
+
+FORMAT = "minicnn-weights"
+FORMAT_VERSION = 1
+METADATA_KEY = "__metadata__"
+
+
+class CheckpointError(MinicnnError):
+    """A weights file is missing, corrupt or does not fit its model."""
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "wb"):
+    """Open a temporary file beside ``path``; rename it over ``path`` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)        # the permissions a plain open() would give
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_npz_atomic(path, arrays: dict, metadata: dict) -> Path:
+    """Write {name: array} and a JSON metadata entry to ``path`` atomically."""
+    content = {name: backend.to_host(value) for name, value in arrays.items()}
+    content[METADATA_KEY] = numpy.array(json.dumps(metadata, sort_keys=True))
+    with atomic_write(path) as f:
+        numpy.savez(f, **content)
+    return Path(path)
+
+
+def write_json_atomic(path, content) -> None:
+    with atomic_write(path, "w") as f:
+        json.dump(content, f, indent=1)
+
+
+def read_npz(path) -> tuple[dict, dict]:
+    """({name: host array}, metadata) from an ``.npz`` written by :func:`write_npz_atomic`."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a weights file")
+    try:
+        with numpy.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise CheckpointError(f"{path}: not a minicnn weights file ({exc})") from None
+    if METADATA_KEY not in arrays:
+        raise CheckpointError(f"{path}: not a minicnn weights file (no metadata)")
+    try:
+        metadata = json.loads(str(arrays.pop(METADATA_KEY)))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: corrupt metadata ({exc})") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: corrupt metadata (not a JSON object)")
+    return arrays, metadata
+
+
+def read_metadata(path) -> dict:
+    """Only the metadata of a weights file (cheap: the arrays are not read)."""
+    try:
+        with numpy.load(path, allow_pickle=False) as npz:
+            return json.loads(str(npz[METADATA_KEY]))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        raise CheckpointError(f"{path}: not a minicnn weights file ({exc})") from None
+
+
+def save_model(model, path, **metadata) -> Path:
+    """Save ``model`` (built by build_model) and ``metadata`` to one .npz, atomically."""
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION,
+              "model": model.name, "config": model.config}
+    return write_npz_atomic(path, model.state_dict(), {**metadata, **header})
+
+
+def load_model(path):
+    """Rebuild a model from a weights file alone; returns (model, metadata).
+
+    The parameters are placed on the current backend. Names and shapes are
+    checked against the rebuilt architecture.
+    """
+    arrays, metadata = read_npz(path)
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a minicnn weights file (format "
+                              f"{metadata.get('format')!r})")
+    if metadata.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {metadata['format_version']} is newer "
+                              f"than this minicnn understands ({FORMAT_VERSION}); upgrade minicnn")
+    name = metadata.get("model")
+    if name not in MODELS:
+        raise CheckpointError(f"{path}: unknown model {name!r}")
+    model = build_model(name, **metadata.get("config", {}))
+    load_parameters(model, arrays, source=str(path))
+    return model, metadata
+
+
+def load_parameters(model, arrays: dict, source: str = "state dict") -> None:
+    """Copy {path: array} into ``model.params``, checking names and shapes."""
+    expected = {name: (module, key) for name, module, key in model.named_parameters()}
+    missing = sorted(set(expected) - set(arrays))
+    unexpected = sorted(set(arrays) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: parameters do not match the model "
+                              f"(missing {missing}, unexpected {unexpected})")
+    for name, (module, key) in expected.items():
+        old, new = module.params[key], arrays[name]
+        if tuple(new.shape) != tuple(old.shape):
+            raise CheckpointError(f"{source}: {name} has shape {tuple(new.shape)}, "
+                                  f"the model needs {tuple(old.shape)}")
+        module.params[key] = backend.to_device(new, dtype=old.dtype)

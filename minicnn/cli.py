@@ -1,0 +1,257 @@
+"""Command-line front ends: ``minicnn train | evaluate | classify``.
+
+Also reached as ``python -m minicnn ...`` and through the thin scripts in
+examples/. Errors caused by the input print one line on stderr and exit
+non-zero, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from minicnn import __version__, backend, data
+from minicnn.checkpoint import CheckpointError, load_model, read_metadata, read_npz
+from minicnn.errors import MinicnnError
+from minicnn.images import load_images
+from minicnn.losses import softmax
+from minicnn.models import MODELS, build_model
+from minicnn.optim import SCHEDULES
+from minicnn.train import TrainConfig, TrainingInterrupted, evaluate, fit, predict_logits, state_path
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def default_weights() -> Path:
+    """The shipped weights file with the highest recorded test accuracy."""
+    best, best_accuracy = None, -1.0
+    for path in sorted(WEIGHTS_DIR.glob("*.npz")):
+        try:
+            accuracy = read_metadata(path).get("test_accuracy") or 0.0
+        except CheckpointError:
+            continue
+        if accuracy > best_accuracy:
+            best, best_accuracy = path, accuracy
+    if best is None:
+        raise MinicnnError(f"no weights file found in {WEIGHTS_DIR}; pass --weights PATH")
+    return best
+
+
+# --- train -------------------------------------------------------------------------
+
+def add_train_parser(subparsers) -> None:
+    d = TrainConfig()
+    p = subparsers.add_parser("train", help="train a model on CIFAR-10 and save its weights",
+                              description="Train a model on CIFAR-10. Every option has a sane "
+                              "default; with --resume the saved run's options are used.")
+    p.add_argument("--backend", choices=backend.NAMES, default="numpy")
+    p.add_argument("--model", choices=sorted(MODELS), help=f"architecture (default {d.model})")
+    p.add_argument("--epochs", type=positive_int, help=f"default {d.epochs}")
+    p.add_argument("--batch-size", type=positive_int, help=f"default {d.batch_size}")
+    p.add_argument("--lr", type=non_negative_float, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--momentum", type=non_negative_float, help=f"default {d.momentum}")
+    p.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum")
+    p.add_argument("--weight-decay", type=non_negative_float, help=f"default {d.weight_decay}")
+    p.add_argument("--schedule", choices=SCHEDULES, help=f"LR schedule (default {d.schedule})")
+    p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
+                   help="no random horizontal flips")
+    p.add_argument("--crop-padding", type=non_negative_int,
+                   help=f"random crops after padding by this many pixels (default "
+                        f"{d.crop_padding}: off)")
+    p.add_argument("--seed", type=non_negative_int, help=f"default {d.seed}")
+    p.add_argument("--limit", type=positive_int, help="train on the first N images only")
+    p.add_argument("--data-dir", help="CIFAR-10 folder or tarball (default: $MINICNN_DATA, "
+                                      f"else {data.DEFAULT_CACHE}, downloading if needed)")
+    p.add_argument("--out", help="weights file to write (default runs/MODEL_cifar10.npz); the "
+                                 "training state and history are written beside it")
+    p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bars")
+    p.set_defaults(handler=run_train)
+
+
+def _train_config(args) -> TrainConfig:
+    """The run's config: the defaults (or the saved run's) overridden by given options."""
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+             if getattr(args, f.name, None) is not None}
+    if not args.resume:
+        return TrainConfig(**given)
+    _, saved = read_npz(state_path(Path(args.out)))
+    config = TrainConfig.from_dict(saved.get("config", {}))
+    differ = {k: v for k, v in given.items() if getattr(config, k) != v}
+    if differ:
+        listed = ", ".join(f"--{k.replace('_', '-')} {v} (saved {getattr(config, k)})"
+                           for k, v in differ.items())
+        raise MinicnnError(f"--resume continues the saved run, but these options differ from "
+                           f"it: {listed}; drop them, or start a new run with another --out")
+    return config
+
+
+def run_train(args) -> int:
+    out = Path(args.out or f"runs/{args.model or TrainConfig.model}_cifar10.npz")
+    args.out = str(out)
+    if args.resume and not state_path(out).is_file():
+        raise MinicnnError(f"nothing to resume: {state_path(out)} does not exist")
+    if out.exists() and not (args.resume or args.force):
+        raise MinicnnError(f"{out} exists; use --resume to continue that run, --force to "
+                           "overwrite it, or --out for a new file")
+    config = _train_config(args)
+    backend.use(args.backend, seed=config.seed)
+    train, test = data.load_cifar10(args.data_dir)
+    model = build_model(config.model)
+    print(f"training {config.model} ({model.num_parameters():,} parameters) on "
+          f"{min(len(train), config.limit or len(train)):,} images, backend {backend.name()}; "
+          f"config {json.dumps(asdict(config))}")
+    try:
+        metadata = fit(model, train, test, config, out, resume=args.resume,
+                       progress=args.progress)
+    except TrainingInterrupted as exc:
+        print(f"minicnn train: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if not metadata:
+        print(f"{out} already holds all {config.epochs} epochs of this run; nothing to do")
+        return 0
+    print(f"test accuracy {metadata['test_accuracy']:.2%}; saved {out}")
+    return 0
+
+
+# --- evaluate ------------------------------------------------------------------------
+
+def add_model_options(p, batch_size: int, json_help: str) -> None:
+    """The options evaluate and classify share: which weights, where, how."""
+    p.add_argument("--weights", help="weights file (default: the best one in weights/)")
+    p.add_argument("--backend", choices=backend.NAMES, default="numpy")
+    p.add_argument("--batch-size", type=positive_int, default=batch_size)
+    p.add_argument("--json", action="store_true", help=json_help)
+
+
+def load_requested_model(args):
+    """Select the backend, then load --weights (or the best shipped file)."""
+    backend.use(args.backend)
+    weights = Path(args.weights) if args.weights else default_weights()
+    model, metadata = load_model(weights)
+    return weights, model, metadata
+
+
+def add_evaluate_parser(subparsers) -> None:
+    p = subparsers.add_parser("evaluate", help="accuracy of a weights file on the CIFAR-10 test set")
+    p.add_argument("--data-dir", help="CIFAR-10 folder or tarball (default: $MINICNN_DATA)")
+    add_model_options(p, batch_size=1000, json_help="print the result as JSON")
+    p.set_defaults(handler=run_evaluate)
+
+
+def run_evaluate(args) -> int:
+    weights, model, metadata = load_requested_model(args)
+    _, test = data.load_cifar10(args.data_dir)
+    result = evaluate(model, test, metadata["normalization"], args.batch_size)
+    result["weights"] = str(weights)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    names = result["class_names"]
+    print(f"{weights}: accuracy {result['accuracy']:.2%} on {result['n']:,} test images")
+    for name, accuracy in result["per_class"].items():
+        shown = "no test images" if accuracy is None else f"{accuracy:.2%}"
+        print(f"  {name:<11} {shown}")
+    print("confusion matrix (rows: true class, columns: predicted):")
+    print("            " + " ".join(f"{n[:5]:>5}" for n in names))
+    for name, row in zip(names, result["confusion"]):
+        print(f"  {name:<10}" + " ".join(f"{v:>5}" for v in row))
+    return 0
+
+
+# --- classify ------------------------------------------------------------------------
+
+def add_classify_parser(subparsers) -> None:
+    p = subparsers.add_parser("classify", help="classify image files with a trained model")
+    p.add_argument("images", nargs="+", metavar="IMG", help="image files (any format Pillow reads)")
+    p.add_argument("--top-k", type=positive_int, default=3, help="labels to show (default 3)")
+    add_model_options(p, batch_size=256, json_help="print a JSON list, in input order")
+    p.set_defaults(handler=run_classify)
+
+
+def run_classify(args) -> int:
+    _, model, metadata = load_requested_model(args)
+    class_names = metadata["class_names"]
+    if args.top_k > len(class_names):
+        raise MinicnnError(f"--top-k {args.top_k} is more than the model's "
+                           f"{len(class_names)} classes")
+    paths, images, errors = load_images(args.images)
+    for error in errors:
+        print(f"minicnn classify: {error}", file=sys.stderr)
+    logits = predict_logits(model, backend.to_device(images), metadata["normalization"],
+                            args.batch_size)
+    probabilities = backend.to_host(softmax(logits))
+    results = []
+    for path, probs in zip(paths, probabilities):
+        top = probs.argsort()[::-1][:args.top_k]
+        results.append({"path": path, "predictions": [
+            {"label": class_names[i], "probability": float(probs[i])} for i in top]})
+    if args.json:
+        print(json.dumps(results))
+    else:
+        for result in results:
+            shown = ", ".join(f"{p['label']} {p['probability']:.1%}" for p in result["predictions"])
+            print(f"{result['path']}: {shown}")
+    return EXIT_ERROR if errors else 0
+
+
+# --- entry point -------------------------------------------------------------------
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="minicnn", description="A from-scratch CNN engine on NumPy/CuPy.")
+    parser.add_argument("--version", action="version", version=f"minicnn {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_train_parser(subparsers)
+    add_evaluate_parser(subparsers)
+    add_classify_parser(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except MinicnnError as exc:
+        print(f"minicnn {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"minicnn {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""CIFAR-10: find, download (md5-verified), load and validate; batches; augmentation.
+
+Where the data comes from, in order:
+  1. ``data_dir`` (the ``--data-dir`` option), else
+  2. the ``MINICNN_DATA`` environment variable, else
+  3. ``~/.cache/minicnn``, where :func:`download_cifar10` puts it.
+Each may name the ``cifar-10-batches-py`` folder itself, a folder holding it,
+or the official ``cifar-10-python.tar.gz`` tarball.
+
+Images are kept as uint8 (N, 3, 32, 32) arrays on the backend; batches are
+augmented there (random flip, random crop with padding) and only then
+normalized to float32.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy
+
+from minicnn import backend
+from minicnn.errors import MinicnnError
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_FILE = "test_batch"
+META_FILE = "batches.meta"
+CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer",
+               "dog", "frog", "horse", "ship", "truck")
+# Per-channel statistics of the training set on pixel/255.
+CIFAR10_MEAN = (0.49139968, 0.48215841, 0.44653091)
+CIFAR10_STD = (0.24703223, 0.24348513, 0.26158784)
+DEFAULT_CACHE = Path.home() / ".cache" / "minicnn"
+
+
+class DataError(MinicnnError):
+    """The data set is missing, corrupt or not in the expected format."""
+
+
+@dataclass
+class Dataset:
+    """Images as uint8 (N, 3, 32, 32) and labels as int64 (N,), on the host."""
+    images: numpy.ndarray
+    labels: numpy.ndarray
+    class_names: tuple
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, limit: int | None) -> Dataset:
+        if limit is None or limit >= len(self):
+            return self
+        return Dataset(self.images[:limit], self.labels[:limit], self.class_names)
+
+
+# --- finding and downloading ----------------------------------------------------
+
+def _batches_folder(path: Path) -> Path | None:
+    """The folder holding the batch files, if ``path`` is it or contains it."""
+    for candidate in (path, path / FOLDER):
+        if (candidate / TEST_FILE).is_file():
+            return candidate
+    return None
+
+
+def md5sum(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def extract_tarball(tarball: Path, dest: Path, md5: str | None = CIFAR10_MD5) -> Path:
+    """Verify ``tarball`` against ``md5`` and unpack it into ``dest``; return the batches folder."""
+    if md5 is not None and (actual := md5sum(tarball)) != md5:
+        raise DataError(f"{tarball}: md5 {actual} does not match the official {md5}; "
+                        "the file is corrupt or not the CIFAR-10 python tarball")
+    dest.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest))
+    try:
+        try:
+            with tarfile.open(tarball, "r:gz") as archive:
+                archive.extractall(staging, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise DataError(f"{tarball}: cannot unpack ({exc})") from None
+        found = _batches_folder(staging)
+        if found is None:
+            raise DataError(f"{tarball}: no {FOLDER}/{TEST_FILE} inside the tarball")
+        target = dest / FOLDER
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(found, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def download_cifar10(dest: Path = DEFAULT_CACHE, url: str = CIFAR10_URL,
+                     md5: str | None = CIFAR10_MD5, progress: bool = True) -> Path:
+    """Download the tarball from ``url``, verify its md5, unpack into ``dest``."""
+    from tqdm import tqdm  # noqa: PLC0415 - only needed here
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(prefix=".download-", suffix=".tar.gz", dir=dest)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=30) as response:
+                    total = int(response.headers.get("Content-Length") or 0) or None
+                    with tqdm(total=total, unit="B", unit_scale=True, desc="CIFAR-10",
+                              disable=not progress) as bar:
+                        while block := response.read(1 << 20):
+                            out.write(block)
+                            bar.update(len(block))
+            except (urllib.error.URLError, OSError, ValueError) as exc:
+                reason = getattr(exc, "reason", exc)
+                raise DataError(
+                    f"could not download CIFAR-10 from {url} ({reason}); without a network, "
+                    f"put the official python batches ({FOLDER}/) or {Path(url).name} in "
+                    f"{dest}, or point --data-dir / MINICNN_DATA at them") from None
+        return extract_tarball(Path(partial), dest, md5)
+    finally:
+        Path(partial).unlink(missing_ok=True)
+
+
+def find_cifar10(data_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """The folder of CIFAR-10 python batches; unpack or download it if needed."""
+    env = os.environ.get("MINICNN_DATA")
+    if data_dir is not None:
+        source, root = "--data-dir", Path(data_dir)
+    elif env:
+        source, root = "MINICNN_DATA", Path(env)
+    else:
+        source, root = "the default cache", DEFAULT_CACHE
+    root = root.expanduser()
+    if root.is_file():
+        return extract_tarball(root, root.parent)
+    if (found := _batches_folder(root)) is not None:
+        return found
+    tarball = root / Path(CIFAR10_URL).name
+    if tarball.is_file():
+        return extract_tarball(tarball, root)
+    if source != "the default cache" and root.exists() and any(root.iterdir()):
+        raise DataError(f"{root} (from {source}) has no CIFAR-10 python batches: expected "
+                        f"{TEST_FILE} in it or in {root / FOLDER}")
+    if not download:
+        raise DataError(f"CIFAR-10 not found in {root} (from {source})")
+    return download_cifar10(root)
+
+
+# --- loading and validating -------------------------------------------------------
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles the official batches and refuses anything but plain data and arrays."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}   # how Python 3 writes bytes in protocol-2 pickles
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _read_pickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            content = _BatchUnpickler(f, encoding="bytes").load()
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; the CIFAR-10 folder is incomplete") from None
+    except Exception as exc:  # any unpickling failure means a corrupt file
+        raise DataError(f"{path}: not a CIFAR-10 python batch ({exc})") from None
+    if not isinstance(content, dict):
+        raise DataError(f"{path}: not a CIFAR-10 python batch (no dict inside)")
+    return content
+
+
+def load_batch(path: Path) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """One batch file -> (uint8 images (N, 3, 32, 32), int64 labels (N,)), validated."""
+    content = _read_pickle(path)
+    if b"data" not in content or b"labels" not in content:
+        raise DataError(f"{path}: missing b'data' or b'labels'")
+    data = numpy.asarray(content[b"data"])
+    labels = numpy.asarray(content[b"labels"], dtype=numpy.int64)
+    if data.dtype != numpy.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DataError(f"{path}: data has shape {data.shape} and dtype {data.dtype}, "
+                        "expected uint8 (N, 3072)")
+    if labels.shape != (data.shape[0],):
+        raise DataError(f"{path}: {len(labels)} labels for {data.shape[0]} images")
+    if labels.size and (labels.min() < 0 or labels.max() >= len(CLASS_NAMES)):
+        raise DataError(f"{path}: labels outside 0..{len(CLASS_NAMES) - 1}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_class_names(folder: Path) -> tuple:
+    path = folder / META_FILE
+    if not path.is_file():
+        return CLASS_NAMES
+    names = _read_pickle(path).get(b"label_names")
+    if not isinstance(names, list) or len(names) != len(CLASS_NAMES):
+        raise DataError(f"{path}: expected {len(CLASS_NAMES)} label names")
+    return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+
+
+def load_cifar10(data_dir=None, download: bool = True) -> tuple[Dataset, Dataset]:
+    """(train, test) datasets from the official python batches."""
+    folder = find_cifar10(data_dir, download=download)
+    names = load_class_names(folder)
+    parts = [load_batch(folder / name) for name in TRAIN_FILES]
+    train = Dataset(numpy.concatenate([p[0] for p in parts]),
+                    numpy.concatenate([p[1] for p in parts]), names)
+    test = Dataset(*load_batch(folder / TEST_FILE), names)
+    return train, test
+
+
+# --- normalization, batches, augmentation ----------------------------------------
+
+def normalize(images_uint8, mean=CIFAR10_MEAN, std=CIFAR10_STD, dtype=numpy.float32):
+    """uint8 (N, 3, H, W) -> float (x/255 - mean) / std per channel, on the same backend."""
+    xp = backend.array_module(images_uint8)
+    out = images_uint8.astype(dtype)
+    out *= dtype(1.0 / 255.0)
+    out -= xp.asarray(mean, dtype=dtype).reshape(1, -1, 1, 1)
+    out /= xp.asarray(std, dtype=dtype).reshape(1, -1, 1, 1)
+    return out
+
+
+def random_flip(images, flip):
+    """Mirror images left-right where the boolean array ``flip`` (N,) is True."""
+    xp = backend.array_module(images)
+    return xp.where(flip[:, None, None, None], images[..., ::-1], images)
+
+
+def random_crop(images, offsets, padding: int):
+    """Pad by ``padding`` (zeros) and cut the original size at per-image offsets (N, 2)."""
+    xp = backend.array_module(images)
+    n, c, h, w = images.shape
+    padded = xp.zeros((n, c, h + 2 * padding, w + 2 * padding), dtype=images.dtype)
+    padded[:, :, padding:padding + h, padding:padding + w] = images
+    rows = offsets[:, 0, None] + xp.arange(h)          # (N, H)
+    cols = offsets[:, 1, None] + xp.arange(w)          # (N, W)
+    batch = xp.arange(n)[:, None, None, None]
+    channel = xp.arange(c)[None, :, None, None]
+    return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+@dataclass
+class EpochPlan:
+    """All the randomness of one epoch, drawn at its start: the order of the
+    samples and each sample's flip and crop. Drawing it from a generator seeded
+    with (seed, epoch) makes an interrupted epoch resumable exactly."""
+    order: object
+    flip: object
+    offsets: object
+
+
+def plan_epoch(n: int, seed: int, epoch: int, shuffle: bool = True, crop_padding: int = 0):
+    rng = backend.make_rng([seed, epoch])
+    xp = backend.xp
+    order = xp.argsort(rng.random(n)) if shuffle else xp.arange(n)
+    flip = rng.random(n) < 0.5
+    offsets = rng.integers(0, 2 * crop_padding + 1, size=(n, 2)) if crop_padding else None
+    return EpochPlan(order, flip, offsets)
+
+
+def batch_slices(n: int, batch_size: int):
+    """(start, stop) of each batch; the last one may be smaller."""
+    return [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]

@@ -1,0 +1,9 @@
+"""The exception every user-facing error of minicnn derives from.
+
+Command-line front ends catch :class:`MinicnnError` and print its message as
+one line, without a traceback.
+"""
+
+
+class MinicnnError(Exception):
+    """An error caused by the user's input or environment, with a clear message."""

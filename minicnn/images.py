@@ -1,0 +1,72 @@
+"""Read any image Pillow can open into the uint8 (3, 32, 32) layout of CIFAR-10.
+
+Steps: the first frame of an animation; EXIF orientation applied; 16-bit and
+float images scaled to 8 bits; transparency composited onto white; any mode
+(grayscale, palette, CMYK, ...) converted to RGB; the largest centred square
+cropped (so the picture is not squashed) and resized to 32x32 with Pillow's
+antialiasing Lanczos filter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from minicnn.errors import MinicnnError
+
+SIZE = 32
+
+
+class ImageError(MinicnnError):
+    """An input image could not be read."""
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = numpy.asarray(image, dtype=numpy.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        if image.mode == "F":
+            top = 1.0 if values.max() <= 1.0 else 255.0
+        image = Image.fromarray(numpy.clip(values / top * 255.0, 0, 255).round().astype(numpy.uint8))
+    if image.mode in ("P", "PA", "LA", "La") or "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "RGBa"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def load_image(path) -> numpy.ndarray:
+    """uint8 array (3, 32, 32) for the image at ``path``; raises ImageError."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            image.seek(0)                         # first frame of an animation
+            image = ImageOps.exif_transpose(image)
+            image.load()
+            rgb = _to_rgb(image)
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a folder, not an image") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image Pillow can read") from None
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"{path}: cannot read image ({exc})") from None
+    square = ImageOps.fit(rgb, (SIZE, SIZE), method=Image.Resampling.LANCZOS)
+    return numpy.asarray(square, dtype=numpy.uint8).transpose(2, 0, 1).copy()
+
+
+def load_images(paths) -> tuple[list, numpy.ndarray, list]:
+    """Read many images: (paths read, uint8 (N, 3, 32, 32), [ImageError for the others])."""
+    good, arrays, errors = [], [], []
+    for path in paths:
+        try:
+            arrays.append(load_image(path))
+            good.append(str(path))
+        except ImageError as exc:
+            errors.append(exc)
+    stacked = numpy.stack(arrays) if arrays else numpy.zeros((0, 3, SIZE, SIZE), numpy.uint8)
+    return good, stacked, errors

@@ -1,0 +1,127 @@
+"""The layer contract: Module and Sequential.
+
+Every layer is a Module::
+
+    params: dict[str, array]   # e.g. {"weight": ..., "bias": ...}
+    grads:  dict[str, array]   # same keys and shapes, written by backward
+    forward(x)  -> y           # caches what backward needs
+    backward(dy) -> dx         # dy = dL/dy, returns dL/dx, fills grads
+
+``params`` is the one source of truth: layers read their parameters from it
+on every forward, so replacing an entry (loading weights, switching to
+float64) takes effect at once. ``backward`` overwrites ``grads``; it never
+accumulates. Layers work in the dtype of their input.
+
+A module whose ``needs_input_grad`` is False skips computing dx and returns
+None: the first layer of a network needs no gradient for the image.
+"""
+
+from __future__ import annotations
+
+from minicnn import backend
+
+
+class Module:
+    """Base class of all layers; see the module docstring for the contract."""
+
+    def __init__(self):
+        self.params: dict = {}
+        self.grads: dict = {}
+        self.training = True
+        self.needs_input_grad = True
+
+    def forward(self, x):
+        raise NotImplementedError
+
+    def backward(self, dy):
+        raise NotImplementedError
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    # --- tree walking -----------------------------------------------------
+    def children(self) -> list[tuple[str, Module]]:
+        """Named sub-modules, in order. Leaf layers have none."""
+        return []
+
+    def modules(self, prefix: str = ""):
+        """Yield (path, module) for this module and every descendant."""
+        yield prefix, self
+        for child_name, child in self.children():
+            yield from child.modules(f"{prefix}.{child_name}" if prefix else child_name)
+
+    def named_parameters(self):
+        """Yield (path, module, key) for every parameter, e.g. ("0.weight", conv, "weight")."""
+        for path, module in self.modules():
+            for key in module.params:
+                yield (f"{path}.{key}" if path else key), module, key
+
+    def state_dict(self) -> dict:
+        """{path: array} of every parameter, keyed like PyTorch's state_dict."""
+        return {name: module.params[key] for name, module, key in self.named_parameters()}
+
+    def num_parameters(self) -> int:
+        return sum(int(module.params[key].size) for _, module, key in self.named_parameters())
+
+    # --- modes and conversions ---------------------------------------------
+    def train(self, mode: bool = True):
+        """Set training mode here and in every descendant (eval() is train(False))."""
+        for _, module in self.modules():
+            module.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def astype(self, dtype):
+        """Cast every parameter to ``dtype`` (e.g. float64 for gradient checks)."""
+        for _, module, key in self.named_parameters():
+            module.params[key] = module.params[key].astype(dtype)
+        return self
+
+    def to_backend(self):
+        """Move every parameter to the current backend (NumPy or CuPy)."""
+        for _, module, key in self.named_parameters():
+            module.params[key] = backend.to_device(backend.to_host(module.params[key]))
+        return self
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def extra_repr(self) -> str:
+        return ""
+
+
+class Sequential(Module):
+    """Layers applied one after the other: y = f_n(... f_2(f_1(x)))."""
+
+    def __init__(self, *layers: Module):
+        super().__init__()
+        if not layers:
+            raise ValueError("Sequential needs at least one layer")
+        self.layers = list(layers)
+
+    def children(self):
+        return [(str(i), layer) for i, layer in enumerate(self.layers)]
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dy):
+        """Chain rule backwards: dL/dx_i = backward_i(dL/dx_{i+1})."""
+        self.layers[0].needs_input_grad = self.needs_input_grad
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
+        return dy
+
+    def __getitem__(self, index):
+        return self.layers[index]
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        lines = [f"  ({i}): {layer!r}" for i, layer in enumerate(self.layers)]
+        return "Sequential(\n" + "\n".join(lines) + "\n)"

@@ -1,0 +1,76 @@
+"""Max pooling over kh x kw windows, with stride and -inf padding.
+
+Forward: y[n, c, oh, ow] = max over (i, j) of x_pad[n, c, oh*s + i, ow*s + j],
+where x_pad is x padded with -inf (a padded cell never wins). The loop runs
+over the kh*kw kernel offsets; ``argmax`` records which offset won each
+window. Ties go to the first offset in row-major order, so every window has
+exactly one winner.
+
+Backward: only the winner of a window influenced y, with slope 1::
+
+    dx_pad[n, c, oh*s + i, ow*s + j] += dy[n, c, oh, ow]   if (i, j) won that window
+
+When windows overlap (stride < kernel) a pixel can win several windows and
+collects the sum of their gradients.
+"""
+
+from __future__ import annotations
+
+from minicnn import backend
+from minicnn.im2col import output_size, pad_hw, window_view
+from minicnn.layers.base import Module
+
+
+class MaxPool2d(Module):
+    """MaxPool2d(kernel_size, stride=None, padding=0); stride defaults to kernel_size."""
+
+    def __init__(self, kernel_size: int, stride: int | None = None, padding: int = 0):
+        super().__init__()
+        self.kernel_size = int(kernel_size)
+        self.stride = int(stride) if stride is not None else self.kernel_size
+        self.padding = int(padding)
+        if self.kernel_size < 1 or self.stride < 1:
+            raise ValueError("MaxPool2d needs kernel_size >= 1 and stride >= 1")
+        if not 0 <= self.padding <= self.kernel_size // 2:
+            raise ValueError(f"MaxPool2d padding must be between 0 and kernel_size // 2 "
+                             f"(= {self.kernel_size // 2}), got {self.padding}")
+        self.cache = None
+
+    def _offsets(self):
+        k = self.kernel_size
+        return [(i, j) for i in range(k) for j in range(k)]
+
+    def forward(self, x):
+        xp = backend.array_module(x)
+        n, c, h, w = x.shape
+        k, s, p = self.kernel_size, self.stride, self.padding
+        oh, ow = output_size(h, k, s, p), output_size(w, k, s, p)
+        if oh < 1 or ow < 1:
+            raise ValueError(f"MaxPool2d window {k}x{k} does not fit input {h}x{w}")
+        x_pad = pad_hw(x, p, value=-xp.inf)
+        y = None
+        argmax = xp.zeros((n, c, oh, ow), dtype=xp.int8 if k * k < 128 else xp.int32)
+        for index, (i, j) in enumerate(self._offsets()):
+            window = window_view(x_pad, i, j, s, oh, ow)
+            if y is None:
+                y = window.copy()
+                continue
+            wins = window > y                  # strict: ties keep the earlier offset
+            argmax[wins] = index
+            xp.maximum(y, window, out=y)
+        self.cache = (x.shape, argmax)
+        return y
+
+    def backward(self, dy):
+        xp = backend.array_module(dy)
+        x_shape, argmax = self.cache
+        n, c, h, w = x_shape
+        s, p = self.stride, self.padding
+        oh, ow = argmax.shape[2:]
+        dx_pad = xp.zeros((n, c, h + 2 * p, w + 2 * p), dtype=dy.dtype)
+        for index, (i, j) in enumerate(self._offsets()):
+            window_view(dx_pad, i, j, s, oh, ow)[...] += xp.where(argmax == index, dy, 0)
+        return dx_pad[:, :, p:p + h, p:p + w]
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"

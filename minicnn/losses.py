@@ -1,0 +1,54 @@
+"""Softmax cross-entropy, fused and numerically stable.
+
+For logits z (N, K) and integer labels t (N,)::
+
+    log p[n, k] = z[n, k] - m[n] - log(sum_k exp(z[n, k] - m[n])),   m[n] = max_k z[n, k]
+    L = -(1/N) * sum_n log p[n, t[n]]
+
+Subtracting the row maximum m changes nothing mathematically but keeps exp()
+from overflowing, so logits of +-1000 still give finite values.
+
+Backward (softmax and log fused, which is why the gradient is so simple)::
+
+    dL/dz[n, k] = (p[n, k] - [k == t[n]]) / N
+"""
+
+from __future__ import annotations
+
+from minicnn import backend
+
+
+def softmax(logits):
+    """p[n, k] = exp(z[n, k] - m[n]) / sum_k exp(z[n, k] - m[n]), row-wise and stable."""
+    xp = backend.array_module(logits)
+    shifted = xp.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+class SoftmaxCrossEntropy:
+    """forward(logits, labels) -> mean loss (a 0-d array); backward() -> dlogits."""
+
+    def __init__(self):
+        self.cache = None
+
+    def forward(self, logits, labels):
+        xp = backend.array_module(logits)
+        if logits.ndim != 2 or labels.shape != (logits.shape[0],):
+            raise ValueError(f"expected logits (N, K) and labels (N,), "
+                             f"got {tuple(logits.shape)} and {tuple(labels.shape)}")
+        n = logits.shape[0]
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+        rows = xp.arange(n)
+        self.cache = (log_probs, labels, rows)
+        return -log_probs[rows, labels].mean()
+
+    def backward(self):
+        log_probs, labels, rows = self.cache
+        n = log_probs.shape[0]
+        dlogits = backend.array_module(log_probs).exp(log_probs)
+        dlogits[rows, labels] -= 1
+        dlogits /= n
+        return dlogits
+
+    __call__ = forward

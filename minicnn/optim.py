@@ -1,0 +1,100 @@
+"""Stochastic gradient descent and learning-rate schedules.
+
+SGD follows PyTorch's convention, for each parameter p with gradient g::
+
+    g = g + weight_decay * p                  # L2 penalty (weight_decay/2)*|p|^2
+    v = momentum * v + g                      # v starts as the first g
+    g = g + momentum * v   if nesterov else v
+    p = p - lr * g                            # in place
+
+Schedules map a step number to a learning rate; they are plain callables so
+the training loop sets ``optimizer.lr = schedule(step)`` before every step.
+"""
+
+from __future__ import annotations
+
+import math
+
+from minicnn.layers.base import Module
+
+
+class SGD:
+    def __init__(self, model: Module, lr: float, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0):
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError("lr, momentum and weight_decay must be >= 0")
+        if nesterov and momentum == 0:
+            raise ValueError("Nesterov momentum needs momentum > 0")
+        self.model = model
+        self.lr, self.momentum, self.nesterov = lr, momentum, nesterov
+        self.weight_decay = weight_decay
+        self.velocity: dict = {}      # parameter path -> momentum buffer
+
+    def step(self) -> None:
+        for name, module, key in self.model.named_parameters():
+            param, grad = module.params[key], module.grads[key]
+            if self.weight_decay:
+                grad = grad + self.weight_decay * param
+            if self.momentum:
+                velocity = self.velocity.get(name)
+                if velocity is None:
+                    velocity = self.velocity[name] = grad.copy()
+                else:
+                    velocity *= self.momentum
+                    velocity += grad
+                grad = grad + self.momentum * velocity if self.nesterov else velocity
+            param -= self.lr * grad
+
+    def state_dict(self) -> dict:
+        return dict(self.velocity)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.velocity = dict(state)
+
+
+# --- learning-rate schedules ---------------------------------------------------
+
+SCHEDULES = ("constant", "step", "cosine", "onecycle")
+
+
+def _cosine(start: float, end: float, t: float) -> float:
+    """Half a cosine from start (t=0) to end (t=1)."""
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def make_schedule(name: str, lr: float, total_steps: int, *, warmup_fraction: float = 0.3,
+                  div_factor: float = 25.0, final_div_factor: float = 1e4,
+                  step_milestones=(0.5, 0.75), step_gamma: float = 0.1):
+    """A callable step -> learning rate, for ``total_steps`` steps peaking at ``lr``.
+
+    constant: lr throughout.
+    step:     lr, times step_gamma at each milestone (fractions of training).
+    cosine:   lr decaying to 0 along half a cosine.
+    onecycle: as PyTorch's OneCycleLR (cosine annealing, momentum not cycled):
+              from lr/div_factor up to lr over the warm-up fraction, then down
+              to lr/(div_factor*final_div_factor).
+    """
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    total = max(int(total_steps), 1)
+
+    def constant(step: int) -> float:
+        return lr
+
+    def step_decay(step: int) -> float:
+        passed = sum(step >= m * total for m in step_milestones)
+        return lr * step_gamma ** passed
+
+    def cosine(step: int) -> float:
+        return _cosine(lr, 0.0, min(step / total, 1.0))
+
+    def onecycle(step: int) -> float:
+        # Phase boundaries as in PyTorch: the peak is reached at step warmup_end.
+        warmup_end = max(warmup_fraction * total - 1, 1.0)
+        start, end = lr / div_factor, lr / (div_factor * final_div_factor)
+        if step <= warmup_end:
+            return _cosine(start, lr, step / warmup_end)
+        return _cosine(lr, end, min((step - warmup_end) / max(total - 1 - warmup_end, 1.0), 1.0))
+
+    return {"constant": constant, "step": step_decay, "cosine": cosine,
+            "onecycle": onecycle}[name]

@@ -1,0 +1,226 @@
+"""fit() and evaluate(): the training loop, metrics, progress and checkpoints.
+
+One training step, with data flowing one way::
+
+    x, t   = a shuffled, augmented, normalized batch
+    logits = model.forward(x)
+    loss   = criterion.forward(logits, t)
+    model.backward(criterion.backward())      # fills every layer's grads
+    optimizer.step()                          # p -= lr * (momentum-adjusted) grad
+
+Loss and accuracy are summed on the backend's arrays and read back to the
+host only when the progress bar is refreshed, so a GPU is not stalled every
+step. After every epoch the model and the training state are written
+atomically; Ctrl-C saves the state mid-epoch, and ``resume=True`` continues
+exactly where it stopped (each epoch's randomness is drawn from its own seed).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from tqdm import tqdm
+
+from minicnn import backend, data
+from minicnn.checkpoint import (CheckpointError, load_parameters, read_npz, save_model,
+                                 write_json_atomic, write_npz_atomic)
+from minicnn.errors import MinicnnError
+from minicnn.losses import SoftmaxCrossEntropy
+from minicnn.optim import SGD, make_schedule
+
+PROGRESS_EVERY = 20   # steps between reads of the running loss (one host sync each)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved with its checkpoints."""
+    model: str = "lenet"
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    augment: bool = True          # random horizontal flips
+    crop_padding: int = 0         # random crops after padding by this much (0: off)
+    seed: int = 0
+    limit: int | None = None      # use only the first N training images
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+class TrainingInterrupted(MinicnnError):
+    """Training was stopped with Ctrl-C; the state was saved for --resume."""
+
+
+def state_path(weights_path: Path) -> Path:
+    """Where the optimizer state for --resume lives, beside the weights."""
+    return weights_path.with_name(weights_path.stem + ".state.npz")
+
+
+def history_path(weights_path: Path) -> Path:
+    return weights_path.with_name(weights_path.stem + ".history.json")
+
+
+# --- evaluation --------------------------------------------------------------------
+
+def predict_logits(model, images_uint8, normalization: dict, batch_size: int = 1000):
+    """Logits (N, K) on the backend for uint8 images (N, 3, H, W) on the backend."""
+    xp = backend.xp
+    model.eval()
+    outputs = []
+    for start, stop in data.batch_slices(len(images_uint8), batch_size):
+        x = data.normalize(images_uint8[start:stop], normalization["mean"], normalization["std"])
+        outputs.append(model.forward(x))
+    return xp.concatenate(outputs) if outputs else xp.zeros((0, 0), dtype=xp.float32)
+
+
+def evaluate(model, dataset: data.Dataset, normalization: dict, batch_size: int = 1000) -> dict:
+    """Accuracy, per-class accuracy and confusion matrix (rows: true, columns: predicted)."""
+    xp = backend.xp
+    k = len(dataset.class_names)
+    images = backend.to_device(dataset.images)
+    labels = backend.to_device(dataset.labels)
+    predicted = predict_logits(model, images, normalization, batch_size).argmax(axis=1)
+    confusion = backend.to_host(xp.bincount(labels * k + predicted, minlength=k * k)).reshape(k, k)
+    totals = confusion.sum(axis=1)
+    n = int(totals.sum())
+    return {
+        "accuracy": float(confusion.trace() / max(n, 1)),
+        "per_class": {name: float(confusion[i, i] / totals[i]) if totals[i] else None
+                      for i, name in enumerate(dataset.class_names)},
+        "confusion": confusion.tolist(),
+        "class_names": list(dataset.class_names),
+        "n": n,
+    }
+
+
+# --- training ------------------------------------------------------------------------
+
+def _augmented_batch(images, plan: data.EpochPlan, index, config: TrainConfig):
+    x = images[index]
+    if config.augment:
+        x = data.random_flip(x, plan.flip[index])
+    if config.crop_padding:
+        x = data.random_crop(x, plan.offsets[index], config.crop_padding)
+    return data.normalize(x)
+
+
+def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out: Path, *,
+        resume: bool = False, progress: bool = True, log=print) -> dict:
+    """Train ``model`` (built from config.model) and save it to ``out`` after every epoch.
+
+    Returns the final metadata (history, test accuracy, timing).
+    """
+    out = Path(out)
+    xp = backend.xp
+    train = train.subset(config.limit)
+    n = len(train)
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    schedule = make_schedule(config.schedule, config.lr, config.epochs * steps_per_epoch)
+    optimizer = SGD(model, config.lr, config.momentum, config.nesterov, config.weight_decay)
+    criterion = SoftmaxCrossEntropy()
+    normalization = {"mean": list(data.CIFAR10_MEAN), "std": list(data.CIFAR10_STD)}
+
+    start_epoch, start_step, history, elapsed = 0, 0, [], 0.0
+    if resume:
+        start_epoch, start_step, history, elapsed = _restore(model, optimizer, out)
+        log(f"resuming {out} at epoch {start_epoch + 1}, step {start_step}")
+
+    images, labels = backend.to_device(train.images), backend.to_device(train.labels)
+    model.train()
+    model.needs_input_grad = False        # nothing needs the gradient of the images
+
+    def save(epoch: int, step: int, metrics: dict | None = None) -> dict:
+        metadata = {
+            "class_names": list(train.class_names),
+            "normalization": normalization,
+            "training": {"config": asdict(config), "epochs_completed": epoch,
+                         "backend": backend.name(), "train_seconds": round(elapsed, 1),
+                         "train_images": n},
+            "test_accuracy": history[-1]["test_accuracy"] if history else None,
+            **(metrics or {}),
+        }
+        save_model(model, out, **metadata)
+        state = {f"velocity/{k}": v for k, v in optimizer.state_dict().items()}
+        write_npz_atomic(state_path(out), state, {"epoch": epoch, "step": step,
+                                                  "history": history, "elapsed": elapsed,
+                                                  "config": asdict(config)})
+        write_json_atomic(history_path(out), {"config": asdict(config), "history": history})
+        return metadata
+
+    metadata = {}
+    for epoch in range(start_epoch, config.epochs):
+        plan = data.plan_epoch(n, config.seed, epoch, crop_padding=config.crop_padding)
+        loss_sum = xp.zeros((), dtype=xp.float64)
+        correct = xp.zeros((), dtype=xp.int64)
+        first = start_step if epoch == start_epoch else 0
+        batches = data.batch_slices(n, config.batch_size)[first:]
+        seen, epoch_start = 0, time.perf_counter()
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
+                   leave=False, disable=not progress, dynamic_ncols=True)
+        step_in_epoch = first
+        try:
+            for start, stop in bar:
+                index = plan.order[start:stop]
+                x = _augmented_batch(images, plan, index, config)
+                t = labels[index]
+                logits = model.forward(x)
+                loss = criterion.forward(logits, t)
+                model.backward(criterion.backward())
+                optimizer.lr = schedule(epoch * steps_per_epoch + step_in_epoch)
+                optimizer.step()
+                loss_sum += loss * (stop - start)
+                correct += (logits.argmax(axis=1) == t).sum()
+                seen += stop - start
+                step_in_epoch += 1
+                if step_in_epoch % PROGRESS_EVERY == 0:
+                    rate = seen / (time.perf_counter() - epoch_start)
+                    bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", img_s=f"{rate:.0f}")
+        except KeyboardInterrupt:
+            bar.close()
+            elapsed += time.perf_counter() - epoch_start
+            save(epoch, step_in_epoch)
+            raise TrainingInterrupted(
+                f"interrupted in epoch {epoch + 1} after {step_in_epoch} steps; saved {out}; "
+                "run again with --resume to continue") from None
+        bar.close()
+        train_seconds = time.perf_counter() - epoch_start
+        elapsed += train_seconds
+        result = evaluate(model, test, normalization)
+        model.train()
+        history.append({
+            "epoch": epoch + 1,
+            "train_loss": float(loss_sum) / max(seen, 1),
+            "train_accuracy": float(correct) / max(seen, 1),
+            "test_accuracy": result["accuracy"],
+            "lr": optimizer.lr,
+            "seconds": round(train_seconds, 2),
+            "images_per_second": round(seen / train_seconds, 1),
+        })
+        h = history[-1]
+        log(f"epoch {epoch + 1:>3}/{config.epochs}  loss {h['train_loss']:.4f}  "
+            f"train acc {h['train_accuracy']:.2%}  test acc {h['test_accuracy']:.2%}  "
+            f"{train_seconds:.1f}s ({h['images_per_second']:.0f} img/s)")
+        metadata = save(epoch + 1, 0, {"test_per_class": result["per_class"]})
+    return metadata
+
+
+def _restore(model, optimizer: SGD, out: Path):
+    """Load the weights and optimizer state saved by fit(); return where to continue."""
+    path = state_path(out)
+    if not out.is_file() or not path.is_file():
+        raise CheckpointError(f"nothing to resume: {out} or {path} is missing")
+    weights, _ = read_npz(out)
+    velocity, state = read_npz(path)
+    load_parameters(model, weights, source=str(out))
+    optimizer.load_state_dict({k.removeprefix("velocity/"): backend.to_device(v)
+                               for k, v in velocity.items()})
+    return state["epoch"], state["step"], state["history"], state["elapsed"]

@@ -1,0 +1,80 @@
+"""Shared fixtures: the backend parametrization and tiny CIFAR-10 look-alikes."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minicnn import backend
+
+REAL_DATA = Path(os.environ.get("MINICNN_DATA", "")) if os.environ.get("MINICNN_DATA") else None
+if REAL_DATA is None:
+    candidate = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar-10-batches-py"
+    REAL_DATA = candidate if candidate.is_dir() else None
+
+requires_real_data = pytest.mark.skipif(
+    REAL_DATA is None or not (REAL_DATA / "test_batch").is_file(),
+    reason="the real CIFAR-10 batches are not here (set MINICNN_DATA to the "
+           "cifar-10-batches-py folder to run this test)")
+
+
+@pytest.fixture(params=["numpy", "cupy"])
+def xp(request):
+    """Run the test once per backend; CuPy cases skip cleanly without a GPU."""
+    if request.param == "cupy" and not backend.cupy_available():
+        pytest.skip("CuPy or a CUDA GPU is not available")
+    backend.use(request.param, seed=0)
+    yield backend.xp
+    backend.use("numpy", seed=0)
+
+
+@pytest.fixture(autouse=True)
+def numpy_backend_by_default():
+    backend.use("numpy", seed=0)
+    yield
+    backend.use("numpy", seed=0)
+
+
+def write_batch(path: Path, images: np.ndarray, labels, protocol: int = 2) -> None:
+    """A pickle laid out like the official batches: bytes keys, uint8 (N, 3072) data."""
+    content = {b"batch_label": b"test", b"labels": [int(v) for v in labels],
+               b"data": images.reshape(len(images), -1), b"filenames": [b"x.png"] * len(images)}
+    with open(path, "wb") as f:
+        pickle.dump(content, f, protocol=protocol)
+
+
+def make_cifar_folder(root: Path, per_batch: int = 20, seed: int = 0) -> Path:
+    """A tiny cifar-10-batches-py folder: 5 training batches and a test batch.
+
+    Images are learnable: each class has its own mean colour plus noise.
+    """
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    colours = rng.integers(30, 226, size=(10, 3))
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = rng.integers(0, 10, per_batch)
+        noise = rng.integers(-25, 26, size=(per_batch, 3, 32, 32))
+        images = np.clip(colours[labels][:, :, None, None] + noise, 0, 255).astype(np.uint8)
+        write_batch(folder / name, images, labels)
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer",
+             b"dog", b"frog", b"horse", b"ship", b"truck"]
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": names, b"num_vis": 3072}, f, protocol=2)
+    return folder
+
+
+def make_tarball(folder: Path, tarball: Path) -> Path:
+    with tarfile.open(tarball, "w:gz") as archive:
+        archive.add(folder, arcname="cifar-10-batches-py")
+    return tarball
+
+
+@pytest.fixture
+def tiny_cifar(tmp_path) -> Path:
+    return make_cifar_folder(tmp_path / "data")

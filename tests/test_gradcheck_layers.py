@@ -1,0 +1,138 @@
+"""Every layer's backward against central finite differences, in float64,
+with a random upstream gradient, on every available backend."""
+
+from __future__ import annotations
+
+import pytest
+
+from minicnn import (Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential, SoftmaxCrossEntropy,
+                     backend, build_model)
+from minicnn.gradcheck import check_loss, check_module
+
+TOLERANCE = 1e-7
+
+
+def randn(shape, seed=1):
+    return backend.make_rng(seed).standard_normal(shape)
+
+
+def tie_free(shape, seed=2):
+    """Distinct values at least 0.01 apart, so no +-eps nudge changes a max."""
+    xp = backend.xp
+    n = 1
+    for s in shape:
+        n *= s
+    order = xp.argsort(backend.make_rng(seed).random(n))
+    return (order.astype(xp.float64) * 0.01 - n * 0.005).reshape(shape)
+
+
+def away_from_zero(shape, seed=3):
+    """Random values with |v| >= 0.1, so ReLU's kink is never crossed by +-eps."""
+    xp = backend.xp
+    x = randn(shape, seed)
+    return xp.where(x >= 0, x + 0.1, x - 0.1)
+
+
+def assert_gradients_ok(module, x):
+    module.astype(backend.xp.float64)
+    errors = check_module(module, x)
+    assert set(errors) == {"input", *module.state_dict()}
+    assert max(errors.values()) < TOLERANCE, errors
+
+
+@pytest.mark.parametrize("in_c,out_c,k,stride,padding,hw", [
+    (3, 4, 3, 1, 0, (7, 7)),        # plain
+    (2, 3, 3, 2, 1, (7, 8)),        # stride 2, padding, non-square input
+    (3, 5, 1, 1, 0, (4, 5)),        # 1x1 kernel
+    (2, 2, 5, 1, 2, (6, 6)),        # "same" padding
+    (1, 2, (2, 3), 2, 0, (7, 9)),   # non-square kernel, stride that leaves a remainder
+])
+def test_conv2d(xp, in_c, out_c, k, stride, padding, hw):
+    conv = Conv2d(in_c, out_c, k, stride=stride, padding=padding)
+    assert_gradients_ok(conv, randn((2, in_c, *hw)))
+
+
+def test_conv2d_without_bias(xp):
+    conv = Conv2d(2, 3, 3, bias=False)
+    assert "bias" not in conv.params
+    assert_gradients_ok(conv, randn((2, 2, 5, 5)))
+
+
+@pytest.mark.parametrize("k,stride,padding,hw", [
+    (2, None, 0, (6, 6)),   # the seed network's pooling
+    (2, None, 0, (7, 5)),   # odd sizes: the last row/column is dropped
+    (3, 2, 1, (7, 7)),      # overlapping windows with -inf padding
+    (3, 1, 0, (5, 6)),      # heavy overlap
+    (2, 1, 1, (4, 4)),      # padding with stride 1
+])
+def test_maxpool2d(xp, k, stride, padding, hw):
+    pool = MaxPool2d(k, stride=stride, padding=padding)
+    assert_gradients_ok(pool, tie_free((2, 3, *hw)))
+
+
+def test_linear(xp):
+    assert_gradients_ok(Linear(7, 5), randn((4, 7)))
+
+
+def test_relu(xp):
+    assert_gradients_ok(ReLU(), away_from_zero((3, 4, 5)))
+
+
+def test_flatten(xp):
+    assert_gradients_ok(Flatten(), randn((2, 3, 4, 5)))
+
+
+def test_small_network_end_to_end(xp):
+    # ReLU kinks are hit with probability ~0 for random data at these scales.
+    net = Sequential(Conv2d(2, 3, 3, padding=1), ReLU(), MaxPool2d(2), Conv2d(3, 4, 3, stride=2),
+                     ReLU(), Flatten(), Linear(4, 3))
+    assert_gradients_ok(net, randn((2, 2, 8, 8)))
+
+
+def test_lenet_end_to_end(xp):
+    model = build_model("lenet")
+    model.astype(xp.float64)
+    errors = check_module(model, randn((1, 3, 32, 32)), max_entries=40)
+    assert set(errors) == {"input", *model.state_dict()}
+    assert max(errors.values()) < 1e-6, errors
+
+
+@pytest.mark.parametrize("n,k", [(5, 10), (1, 3), (8, 2)])
+def test_softmax_cross_entropy(xp, n, k):
+    logits = randn((n, k)) * 3
+    labels = backend.make_rng(4).integers(0, k, n)
+    assert check_loss(SoftmaxCrossEntropy(), logits, labels) < TOLERANCE
+
+
+def test_gradcheck_catches_a_wrong_backward(xp):
+    """The checker itself can fail: a Linear whose backward forgets dy's scale."""
+
+    class BrokenLinear(Linear):
+        def backward(self, dy):
+            dx = super().backward(dy)
+            self.grads["weight"] = self.grads["weight"] * 1.01
+            return dx
+
+    layer = BrokenLinear(4, 3)
+    layer.astype(xp.float64)
+    errors = check_module(layer, randn((2, 4)))
+    assert errors["weight"] > 1e-3
+    assert errors["input"] < TOLERANCE
+
+
+def test_gradcheck_catches_ignoring_the_upstream_gradient(xp):
+    """A backward that assumes dy = 1 passes a ones-check but fails a random one."""
+
+    class OnesReLU(ReLU):
+        def backward(self, dy):
+            return super().backward(backend.xp.ones_like(dy))
+
+    layer = OnesReLU()
+    x = away_from_zero((2, 5))
+    assert check_module(layer, x, upstream=xp.ones((2, 5)))["input"] < TOLERANCE
+    assert check_module(layer, x)["input"] > 1e-2
+
+
+def test_gradcheck_refuses_float32(xp):
+    with pytest.raises(TypeError):
+        check_module(Linear(2, 2), randn((1, 2)).astype(xp.float32))

@@ -1,0 +1,59 @@
+"""im2col against a per-pixel reference loop; col2im is its exact adjoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minicnn import backend
+from minicnn.im2col import col2im, im2col, output_size
+
+CASES = [(5, 5, 1, 0), (3, 3, 2, 1), (1, 1, 1, 0), (2, 3, 2, 0), (3, 3, 1, 2)]
+
+
+def reference_im2col(x, kh, kw, stride, padding):
+    """The definition, one pixel at a time: cols[(c,i,j), (n,oh,ow)] = x_pad[n,c,oh*s+i,ow*s+j]."""
+    n, c, h, w = x.shape
+    oh, ow = output_size(h, kh, stride, padding), output_size(w, kw, stride, padding)
+    x_pad = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    cols = np.zeros((c, kh, kw, n, oh, ow), dtype=x.dtype)
+    for ci in range(c):
+        for i in range(kh):
+            for j in range(kw):
+                for ni in range(n):
+                    for a in range(oh):
+                        for b in range(ow):
+                            cols[ci, i, j, ni, a, b] = x_pad[ni, ci, a * stride + i, b * stride + j]
+    return cols.reshape(c * kh * kw, n * oh * ow)
+
+
+@pytest.mark.parametrize("kh,kw,stride,padding", CASES)
+def test_im2col_matches_definition(xp, kh, kw, stride, padding):
+    x_host = np.arange(2 * 3 * 7 * 6, dtype=np.float64).reshape(2, 3, 7, 6)
+    cols = im2col(backend.to_device(x_host), kh, kw, stride, padding)
+    np.testing.assert_array_equal(backend.to_host(cols),
+                                  reference_im2col(x_host, kh, kw, stride, padding))
+
+
+@pytest.mark.parametrize("kh,kw,stride,padding", CASES)
+def test_col2im_is_the_adjoint_of_im2col(xp, kh, kw, stride, padding):
+    """<im2col(x), c> == <x, col2im(c)> for random x and c: the definition of the transpose."""
+    rng = backend.make_rng(0)
+    x = rng.standard_normal((2, 3, 7, 6))
+    cols = im2col(x, kh, kw, stride, padding)
+    c = rng.standard_normal(cols.shape)
+    lhs = float((cols * c).sum())
+    rhs = float((x * col2im(c, x.shape, kh, kw, stride, padding)).sum())
+    assert lhs == pytest.approx(rhs, rel=1e-12)
+
+
+def test_im2col_keeps_float32(xp):
+    x = xp.ones((1, 2, 5, 5), dtype=xp.float32)
+    assert im2col(x, 3, 3).dtype == xp.float32
+    assert col2im(im2col(x, 3, 3), x.shape, 3, 3).dtype == xp.float32
+
+
+def test_output_size():
+    assert output_size(32, 5, 1, 0) == 28
+    assert output_size(7, 3, 2, 1) == 4
+    assert output_size(8, 3, 2, 0) == 3

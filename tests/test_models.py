@@ -1,0 +1,105 @@
+"""The model registry, the seed network and the Module contract."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minicnn import (MODELS, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential, backend,
+                     build_model, register)
+from minicnn.errors import MinicnnError
+
+
+def test_lenet_is_the_seed_network_without_relu_on_logits():
+    model = build_model("lenet")
+    kinds = [type(layer) for layer in model.layers]
+    assert kinds == [Conv2d, ReLU, MaxPool2d, Conv2d, ReLU, MaxPool2d, Flatten,
+                     Linear, ReLU, Linear, ReLU, Linear]
+    shapes = {name: tuple(v.shape) for name, v in model.state_dict().items()}
+    assert shapes == {"0.weight": (6, 3, 5, 5), "0.bias": (6,), "3.weight": (16, 6, 5, 5),
+                      "3.bias": (16,), "7.weight": (128, 400), "7.bias": (128,),
+                      "9.weight": (84, 128), "9.bias": (84,), "11.weight": (10, 84),
+                      "11.bias": (10,)}
+    assert model.num_parameters() == 65_886
+
+
+def test_lenet_logits_can_be_negative(xp):
+    model = build_model("lenet")
+    logits = model.forward(backend.make_rng(0).standard_normal((8, 3, 32, 32)).astype(xp.float32))
+    assert logits.shape == (8, 10) and logits.dtype == xp.float32
+    assert float(logits.min()) < 0
+
+
+def test_same_seed_same_weights():
+    backend.use("numpy", seed=3)
+    a = build_model("lenet").state_dict()
+    backend.use("numpy", seed=3)
+    b = build_model("lenet").state_dict()
+    backend.use("numpy", seed=4)
+    c = build_model("lenet").state_dict()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["0.weight"], c["0.weight"])
+
+
+def test_unknown_model_and_bad_config():
+    with pytest.raises(MinicnnError, match="unknown model"):
+        build_model("resnet9000")
+    with pytest.raises(MinicnnError, match="bad config"):
+        build_model("lenet", depth=3)
+
+
+def test_register_a_model():
+    @register("tiny-test-net")
+    def tiny(num_classes=2):
+        return Sequential(Flatten(), Linear(12, num_classes))
+
+    try:
+        model = build_model("tiny-test-net", num_classes=3)
+        assert model.config == {"num_classes": 3}
+        assert model.forward(np.zeros((1, 3, 2, 2), np.float32)).shape == (1, 3)
+    finally:
+        del MODELS["tiny-test-net"]
+
+
+def test_train_eval_modes_reach_every_layer():
+    model = build_model("lenet")
+    model.eval()
+    assert not any(m.training for _, m in model.modules())
+    model.train()
+    assert all(m.training for _, m in model.modules())
+
+
+def test_replacing_a_param_takes_effect_on_next_forward():
+    layer = Linear(3, 2)
+    x = np.ones((1, 3), np.float32)
+    layer.params["weight"] = np.zeros((2, 3), np.float32)
+    layer.params["bias"] = np.array([1.0, -2.0], np.float32)
+    np.testing.assert_array_equal(layer.forward(x), [[1.0, -2.0]])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layers_honour_the_input_dtype(xp, dtype):
+    model = build_model("lenet").astype(dtype)
+    x = backend.make_rng(0).standard_normal((2, 3, 32, 32)).astype(dtype)
+    y = model.forward(x)
+    model.needs_input_grad = True
+    dx = model.backward(xp.ones_like(y))
+    assert y.dtype == dtype and dx.dtype == dtype
+    assert all(g.dtype == dtype for _, m in model.modules() for g in m.grads.values())
+
+
+def test_first_layer_skips_the_input_gradient():
+    model = build_model("lenet")
+    model.needs_input_grad = False
+    y = model.forward(np.zeros((1, 3, 32, 32), np.float32))
+    assert model.backward(np.ones_like(y)) is None
+    assert model.layers[0].grads["weight"].shape == (6, 3, 5, 5)
+
+
+def test_shape_errors_are_clear():
+    with pytest.raises(ValueError, match="input channels"):
+        Conv2d(3, 4, 3).forward(np.zeros((1, 2, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="Linear expected"):
+        Linear(4, 2).forward(np.zeros((1, 5), np.float32))
+    with pytest.raises(ValueError, match="padding"):
+        MaxPool2d(2, padding=2)

@@ -1,0 +1,74 @@
+"""SGD's update rule and the learning-rate schedules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minicnn import SGD, Linear, make_schedule
+from minicnn.optim import SCHEDULES
+
+
+def layer_with_grads(weight, grad):
+    layer = Linear(2, 1, bias=False)
+    layer.params["weight"] = np.array(weight, dtype=np.float64)
+    layer.grads["weight"] = np.array(grad, dtype=np.float64)
+    return layer
+
+
+def test_plain_sgd_step():
+    layer = layer_with_grads([[1.0, 2.0]], [[0.5, -1.0]])
+    SGD(layer, lr=0.1).step()
+    np.testing.assert_allclose(layer.params["weight"], [[0.95, 2.1]])
+
+
+def test_momentum_nesterov_and_weight_decay_by_hand():
+    layer = layer_with_grads([[1.0]], [[1.0]])
+    opt = SGD(layer, lr=0.1, momentum=0.5, nesterov=True, weight_decay=0.1)
+    opt.step()   # g = 1 + 0.1*1 = 1.1; v = 1.1; step = g + 0.5 v = 1.65
+    np.testing.assert_allclose(layer.params["weight"], [[1 - 0.165]])
+    opt.step()   # g = 1 + 0.1*0.835 = 1.0835; v = 0.55 + 1.0835; step = g + 0.5 v
+    v = 0.5 * 1.1 + 1.0835
+    np.testing.assert_allclose(layer.params["weight"], [[0.835 - 0.1 * (1.0835 + 0.5 * v)]])
+
+
+def test_sgd_reads_replaced_params():
+    """params is the one source of truth: the optimizer updates whatever array is there now."""
+    layer = layer_with_grads([[1.0]], [[1.0]])
+    opt = SGD(layer, lr=1.0)
+    layer.params["weight"] = np.array([[5.0]])
+    opt.step()
+    np.testing.assert_allclose(layer.params["weight"], [[4.0]])
+
+
+def test_sgd_rejects_bad_settings():
+    layer = layer_with_grads([[1.0]], [[1.0]])
+    with pytest.raises(ValueError):
+        SGD(layer, lr=-1)
+    with pytest.raises(ValueError):
+        SGD(layer, lr=0.1, nesterov=True)
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_schedules_stay_within_peak(name):
+    schedule = make_schedule(name, 0.1, total_steps=100)
+    values = [schedule(step) for step in range(100)]
+    assert max(values) == pytest.approx(0.1)
+    assert min(values) >= 0
+
+
+def test_schedule_shapes():
+    assert make_schedule("constant", 0.1, 10)(7) == 0.1
+    step = make_schedule("step", 0.1, 100)
+    assert (step(0), step(50), step(75)) == pytest.approx((0.1, 0.01, 0.001))
+    cosine = make_schedule("cosine", 0.1, 100)
+    assert cosine(0) == pytest.approx(0.1) and cosine(50) == pytest.approx(0.05)
+    onecycle = make_schedule("onecycle", 0.1, 100)
+    assert onecycle(0) == pytest.approx(0.1 / 25)
+    assert max(range(100), key=onecycle) == 29
+    assert onecycle(99) == pytest.approx(0.1 / 25e4)
+
+
+def test_unknown_schedule():
+    with pytest.raises(ValueError, match="unknown schedule"):
+        make_schedule("linear", 0.1, 10)
