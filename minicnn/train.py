@@ -18,6 +18,8 @@ exactly where it stopped (each epoch's randomness is drawn from its own seed).
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -113,14 +115,81 @@ def _augmented_batch(images, plan: data.EpochPlan, index, config: TrainConfig):
     return data.normalize(x)
 
 
+class StopRequest:
+    """Ctrl-C during training sets ``requested`` instead of raising at once, so the
+    loop stops between two steps, never halfway through a parameter update.
+    A second Ctrl-C raises KeyboardInterrupt immediately (files are still only
+    ever written atomically)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+@dataclass
+class EpochTotals:
+    """Running sums of one epoch, kept on the backend (no host sync per step)."""
+    loss_sum: object
+    correct: object
+    seen: int = 0
+
+
+def train_epoch(model, criterion, optimizer, schedule, images, labels, plan, config,
+                epoch: int, first_step: int, steps_per_epoch: int, bar_settings: dict,
+                stop: StopRequest) -> tuple[EpochTotals, int]:
+    """Run the steps of one epoch from ``first_step``; return the totals and the
+    number of steps done in this epoch (fewer than steps_per_epoch if stopped)."""
+    xp = backend.xp
+    totals = EpochTotals(xp.zeros((), dtype=xp.float64), xp.zeros((), dtype=xp.int64))
+    batches = data.batch_slices(len(labels), config.batch_size)[first_step:]
+    started = time.perf_counter()
+    step = first_step
+    with tqdm(batches, **bar_settings) as bar:
+        for start, stop_index in bar:
+            index = plan.order[start:stop_index]
+            x = _augmented_batch(images, plan, index, config)
+            t = labels[index]
+            logits = model.forward(x)
+            loss = criterion.forward(logits, t)
+            model.backward(criterion.backward())
+            optimizer.lr = schedule(epoch * steps_per_epoch + step)
+            optimizer.step()
+            totals.loss_sum += loss * (stop_index - start)
+            totals.correct += (logits.argmax(axis=1) == t).sum()
+            totals.seen += stop_index - start
+            step += 1
+            if stop.requested:
+                break
+            if step % PROGRESS_EVERY == 0:
+                rate = totals.seen / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{float(totals.loss_sum) / totals.seen:.3f}",
+                                img_s=f"{rate:.0f}")
+    return totals, step
+
+
 def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out: Path, *,
         resume: bool = False, progress: bool = True, log=print) -> dict:
     """Train ``model`` (built from config.model) and save it to ``out`` after every epoch.
 
-    Returns the final metadata (history, test accuracy, timing).
+    Returns the final metadata (history, test accuracy, timing); an empty dict
+    if a resumed run had nothing left to do. Raises TrainingInterrupted after
+    saving when stopped with Ctrl-C.
     """
     out = Path(out)
-    xp = backend.xp
     train = train.subset(config.limit)
     n = len(train)
     steps_per_epoch = math.ceil(n / config.batch_size)
@@ -157,59 +226,44 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
         return metadata
 
     metadata = {}
-    for epoch in range(start_epoch, config.epochs):
-        plan = data.plan_epoch(n, config.seed, epoch, crop_padding=config.crop_padding)
-        loss_sum = xp.zeros((), dtype=xp.float64)
-        correct = xp.zeros((), dtype=xp.int64)
-        first = start_step if epoch == start_epoch else 0
-        batches = data.batch_slices(n, config.batch_size)[first:]
-        seen, epoch_start = 0, time.perf_counter()
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch",
-                   leave=False, disable=not progress, dynamic_ncols=True)
-        step_in_epoch = first
-        try:
-            for start, stop in bar:
-                index = plan.order[start:stop]
-                x = _augmented_batch(images, plan, index, config)
-                t = labels[index]
-                logits = model.forward(x)
-                loss = criterion.forward(logits, t)
-                model.backward(criterion.backward())
-                optimizer.lr = schedule(epoch * steps_per_epoch + step_in_epoch)
-                optimizer.step()
-                loss_sum += loss * (stop - start)
-                correct += (logits.argmax(axis=1) == t).sum()
-                seen += stop - start
-                step_in_epoch += 1
-                if step_in_epoch % PROGRESS_EVERY == 0:
-                    rate = seen / (time.perf_counter() - epoch_start)
-                    bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", img_s=f"{rate:.0f}")
-        except KeyboardInterrupt:
-            bar.close()
-            elapsed += time.perf_counter() - epoch_start
-            save(epoch, step_in_epoch)
-            raise TrainingInterrupted(
-                f"interrupted in epoch {epoch + 1} after {step_in_epoch} steps; saved {out}; "
-                "run again with --resume to continue") from None
-        bar.close()
-        train_seconds = time.perf_counter() - epoch_start
-        elapsed += train_seconds
-        result = evaluate(model, test, normalization)
-        model.train()
-        history.append({
-            "epoch": epoch + 1,
-            "train_loss": float(loss_sum) / max(seen, 1),
-            "train_accuracy": float(correct) / max(seen, 1),
-            "test_accuracy": result["accuracy"],
-            "lr": optimizer.lr,
-            "seconds": round(train_seconds, 2),
-            "images_per_second": round(seen / train_seconds, 1),
-        })
-        h = history[-1]
-        log(f"epoch {epoch + 1:>3}/{config.epochs}  loss {h['train_loss']:.4f}  "
-            f"train acc {h['train_accuracy']:.2%}  test acc {h['test_accuracy']:.2%}  "
-            f"{train_seconds:.1f}s ({h['images_per_second']:.0f} img/s)")
-        metadata = save(epoch + 1, 0, {"test_per_class": result["per_class"]})
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, config.epochs):
+            plan = data.plan_epoch(n, config.seed, epoch, crop_padding=config.crop_padding)
+            first = start_step if epoch == start_epoch else 0
+            bar_settings = {"desc": f"epoch {epoch + 1}/{config.epochs}", "unit": "batch",
+                            "leave": False, "disable": not progress, "dynamic_ncols": True}
+            epoch_start = time.perf_counter()
+            totals, step = train_epoch(model, criterion, optimizer, schedule, images, labels,
+                                       plan, config, epoch, first, steps_per_epoch,
+                                       bar_settings, stop)
+            train_seconds = time.perf_counter() - epoch_start
+            elapsed += train_seconds
+            if step < steps_per_epoch:          # stopped by Ctrl-C between two steps
+                save(epoch, step)
+                raise TrainingInterrupted(
+                    f"interrupted in epoch {epoch + 1} after {step} steps; saved {out}; "
+                    "run again with --resume to continue")
+            result = evaluate(model, test, normalization)
+            model.train()
+            seen = totals.seen
+            history.append({
+                "epoch": epoch + 1,
+                "train_loss": float(totals.loss_sum) / max(seen, 1),
+                "train_accuracy": float(totals.correct) / max(seen, 1),
+                "test_accuracy": result["accuracy"],
+                "lr": optimizer.lr,
+                "seconds": round(train_seconds, 2),
+                "images_per_second": round(seen / train_seconds, 1),
+            })
+            h = history[-1]
+            log(f"epoch {epoch + 1:>3}/{config.epochs}  loss {h['train_loss']:.4f}  "
+                f"train acc {h['train_accuracy']:.2%}  test acc {h['test_accuracy']:.2%}  "
+                f"{train_seconds:.1f}s ({h['images_per_second']:.0f} img/s)")
+            metadata = save(epoch + 1, 0, {"test_per_class": result["per_class"]})
+            if stop.requested and epoch + 1 < config.epochs:
+                raise TrainingInterrupted(
+                    f"interrupted after epoch {epoch + 1}; saved {out}; "
+                    "run again with --resume to continue")
     return metadata
 
 

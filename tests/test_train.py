@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import numpy as np
 import pytest
@@ -67,18 +68,19 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypa
     calls = {"n": 0}
     real_step = train_module.SGD.step
 
-    def step_then_interrupt(self):
+    def step_then_ctrl_c(self):
+        real_step(self)
         calls["n"] += 1
         if calls["n"] == 13:          # in the middle of epoch 2 (8 steps per epoch)
-            raise KeyboardInterrupt
-        real_step(self)
+            signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(train_module.SGD, "step", step_then_interrupt)
+    monkeypatch.setattr(train_module.SGD, "step", step_then_ctrl_c)
     with pytest.raises(TrainingInterrupted, match="--resume"):
         run(tmp_path, "w.npz")
     monkeypatch.setattr(train_module.SGD, "step", real_step)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     state = json.loads(str(np.load(state_path(tmp_path / "w.npz"))["__metadata__"]))
-    assert (state["epoch"], state["step"]) == (1, 4)
+    assert (state["epoch"], state["step"]) == (1, 5)   # the step in progress was finished
 
     model = build_model("lenet")
     fit(model, colour_dataset(256, 0), colour_dataset(100, 1), TrainConfig(**SETTINGS),
