@@ -14,7 +14,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from minicnn import __version__, backend, data
-from minicnn.checkpoint import CheckpointError, load_model, read_metadata, read_npz
+from minicnn.checkpoint import FORMAT, CheckpointError, load_model, read_metadata, read_npz
 from minicnn.errors import MinicnnError
 from minicnn.images import load_images
 from minicnn.losses import softmax
@@ -59,9 +59,12 @@ def default_weights() -> Path:
     best, best_accuracy = None, -1.0
     for path in sorted(WEIGHTS_DIR.glob("*.npz")):
         try:
-            accuracy = read_metadata(path).get("test_accuracy") or 0.0
+            metadata = read_metadata(path)
         except CheckpointError:
             continue
+        if metadata.get("format") != FORMAT:     # e.g. a training-state file
+            continue
+        accuracy = metadata.get("test_accuracy") or 0.0
         if accuracy > best_accuracy:
             best, best_accuracy = path, accuracy
     if best is None:
