@@ -82,6 +82,19 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def _extract_safely(archive: tarfile.TarFile, dest: Path) -> None:
+    """Unpack only plain files and folders that stay inside ``dest``."""
+    if hasattr(tarfile, "data_filter"):            # Python >= 3.10.12 / 3.11.4
+        archive.extractall(dest, filter="data")
+        return
+    root = dest.resolve()
+    for member in archive.getmembers():
+        target = (dest / member.name).resolve()
+        if not (member.isfile() or member.isdir()) or not target.is_relative_to(root):
+            raise tarfile.TarError(f"refusing to unpack {member.name!r}")
+    archive.extractall(dest)
+
+
 def extract_tarball(tarball: Path, dest: Path, md5: str | None = CIFAR10_MD5) -> Path:
     """Verify ``tarball`` against ``md5`` and unpack it into ``dest``; return the batches folder."""
     if md5 is not None and (actual := md5sum(tarball)) != md5:
@@ -92,7 +105,7 @@ def extract_tarball(tarball: Path, dest: Path, md5: str | None = CIFAR10_MD5) ->
     try:
         try:
             with tarfile.open(tarball, "r:gz") as archive:
-                archive.extractall(staging, filter="data")
+                _extract_safely(archive, staging)
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise DataError(f"{tarball}: cannot unpack ({exc})") from None
         found = _batches_folder(staging)

@@ -52,6 +52,22 @@ def test_tarball_is_verified_and_unpacked(tmp_path, tiny_cifar):
     assert not (tmp_path / "out2" / "cifar-10-batches-py").exists()
 
 
+@pytest.mark.parametrize("modern_tarfile", [True, False])
+def test_tarball_entries_outside_the_folder_are_refused(tmp_path, monkeypatch, modern_tarfile):
+    import io
+    import tarfile
+    if not modern_tarfile:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    tarball = tmp_path / "evil.tar.gz"
+    with tarfile.open(tarball, "w:gz") as archive:
+        info = tarfile.TarInfo("../escaped.txt")
+        info.size = 3
+        archive.addfile(info, io.BytesIO(b"bad"))
+    with pytest.raises(DataError, match="cannot unpack"):
+        data.extract_tarball(tarball, tmp_path / "out", md5=None)
+    assert not (tmp_path / "out" / "escaped.txt").exists()   # one level above the staging folder
+
+
 def test_download_from_url_with_md5(tmp_path, tiny_cifar):
     tarball = make_tarball(tiny_cifar, tmp_path / "served.tar.gz")
     folder = data.download_cifar10(tmp_path / "cache", url=tarball.as_uri(), md5=md5(tarball),
