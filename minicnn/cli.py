@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -126,11 +127,16 @@ def _train_config(args) -> TrainConfig:
 def run_train(args) -> int:
     out = Path(args.out or f"runs/{args.model or TrainConfig.model}_cifar10.npz")
     args.out = str(out)
+    if out.is_dir():
+        raise MinicnnError(f"--out {out} is a folder; give a file name such as {out / 'model.npz'}")
     if args.resume and not state_path(out).is_file():
         raise MinicnnError(f"nothing to resume: {state_path(out)} does not exist")
     if out.exists() and not (args.resume or args.force):
         raise MinicnnError(f"{out} exists; use --resume to continue that run, --force to "
                            "overwrite it, or --out for a new file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK):
+        raise MinicnnError(f"cannot write to {out.parent}; choose another --out")
     config = _train_config(args)
     backend.use(args.backend, seed=config.seed)
     train, test = data.load_cifar10(args.data_dir)
@@ -249,6 +255,9 @@ def main(argv=None) -> int:
     try:
         return args.handler(args)
     except MinicnnError as exc:
+        print(f"minicnn {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:              # disk full, permission denied, ...
         print(f"minicnn {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

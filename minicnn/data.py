@@ -18,6 +18,7 @@ import hashlib
 import os
 import pickle
 import shutil
+import sys
 import tarfile
 import tempfile
 import urllib.error
@@ -127,6 +128,8 @@ def download_cifar10(dest: Path = DEFAULT_CACHE, url: str = CIFAR10_URL,
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    if progress:
+        print(f"CIFAR-10 not found; downloading {url} into {dest}", file=sys.stderr)
     fd, partial = tempfile.mkstemp(prefix=".download-", suffix=".tar.gz", dir=dest)
     try:
         with os.fdopen(fd, "wb") as out:

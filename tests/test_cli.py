@@ -164,6 +164,17 @@ def test_train_evaluate_resume_and_no_overwrite(tiny_cifar, tmp_path, capsys):
     assert code == 0 and "confusion matrix" in stdout and "airplane" in stdout
 
 
+def test_unwritable_out_fails_before_training(tmp_path, tiny_cifar, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run_cli(["train", "--data-dir", str(tiny_cifar), "--out",
+                            str(blocker / "sub" / "w.npz")], capsys)
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    code, _, err = run_cli(["train", "--data-dir", str(tiny_cifar), "--out", str(tmp_path)],
+                           capsys)
+    assert code == 1 and "is a folder" in err
+
+
 def test_missing_data_is_one_line(tmp_path, capsys):
     empty = tmp_path / "nothing-here"
     empty.mkdir()
