@@ -23,13 +23,20 @@ class ImageError(MinicnnError):
     """An input image could not be read."""
 
 
+def _full_scale(image: Image.Image, values: numpy.ndarray) -> float:
+    """The value that means "white": 65535 for 16-bit modes, else the smallest of
+    1, 255 and 65535 that covers the data (float images may be 0..1 or 0..255)."""
+    if image.mode.startswith("I;16"):
+        return 65535.0
+    peak = float(values.max()) if values.size else 0.0
+    return next((top for top in (1.0, 255.0, 65535.0) if peak <= top), peak)
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         values = numpy.asarray(image, dtype=numpy.float64)
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
-        if image.mode == "F":
-            top = 1.0 if values.max() <= 1.0 else 255.0
-        image = Image.fromarray(numpy.clip(values / top * 255.0, 0, 255).round().astype(numpy.uint8))
+        scaled = values / _full_scale(image, values) * 255.0
+        image = Image.fromarray(numpy.clip(scaled, 0, 255).round().astype(numpy.uint8))
     if image.mode in ("P", "PA", "LA", "La") or "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "RGBa"):

@@ -202,3 +202,18 @@ def test_entry_points_run_as_scripts(command, images, weights):
                             capture_output=True, text=True, env={**os.environ}, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(str(images["rgb"]))
+
+
+@pytest.mark.parametrize("mode,values,expected", [
+    ("I;16", [[0, 65535]], [0, 255]),        # 16-bit: full scale is 65535
+    ("I", [[0, 200]], [0, 200]),             # 32-bit holding 8-bit values: kept
+    ("I", [[0, 4000]], [0, 16]),             # 32-bit holding 16-bit values
+    ("F", [[0.0, 0.5]], [0, 128]),           # float in 0..1
+])
+def test_high_bit_depth_images_are_scaled_to_8_bits(tmp_path, mode, values, expected):
+    from minicnn.images import _to_rgb
+    dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+    image = Image.fromarray(np.array(values, dtype=dtype), mode=None)
+    assert image.mode == mode
+    rgb = np.asarray(_to_rgb(image))
+    assert rgb.shape == (1, 2, 3) and rgb[0, :, 0].tolist() == expected
