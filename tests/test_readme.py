@@ -33,3 +33,11 @@ def test_train_options_listed_in_the_readme_are_the_real_ones():
     section = README.split("### Train", 1)[1].split("###", 1)[0]
     listed = set(re.findall(r"(--[a-z][a-z-]+)", section.split("Options:", 1)[1].split("- ")[0]))
     assert listed == subcommand_options("train") - {"--help"}
+
+
+def test_python_examples_in_the_readme_run():
+    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    runnable = [block for block in blocks if block.startswith("import")]
+    assert runnable, "the README should show a runnable example"
+    for block in runnable:
+        exec(compile(block, "README.md", "exec"), {})
