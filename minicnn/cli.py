@@ -21,7 +21,8 @@ from minicnn.images import load_images
 from minicnn.losses import softmax
 from minicnn.models import MODELS, build_model
 from minicnn.optim import SCHEDULES
-from minicnn.train import TrainConfig, TrainingInterrupted, evaluate, fit, predict_logits, state_path
+from minicnn.train import (TrainConfig, TrainingInterrupted, evaluate, fit, predict_logits,
+                           state_path)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -176,7 +177,8 @@ def load_requested_model(args):
 
 
 def add_evaluate_parser(subparsers) -> None:
-    p = subparsers.add_parser("evaluate", help="accuracy of a weights file on the CIFAR-10 test set")
+    p = subparsers.add_parser("evaluate",
+                              help="accuracy of a weights file on the CIFAR-10 test set")
     p.add_argument("--data-dir", help="CIFAR-10 folder or tarball (default: $MINICNN_DATA)")
     add_model_options(p, batch_size=1000, json_help="print the result as JSON")
     p.set_defaults(handler=run_evaluate)
@@ -197,7 +199,7 @@ def run_evaluate(args) -> int:
         print(f"  {name:<11} {shown}")
     print("confusion matrix (rows: true class, columns: predicted):")
     print("            " + " ".join(f"{n[:5]:>5}" for n in names))
-    for name, row in zip(names, result["confusion"]):
+    for name, row in zip(names, result["confusion"], strict=True):
         print(f"  {name:<10}" + " ".join(f"{v:>5}" for v in row))
     return 0
 
@@ -225,7 +227,7 @@ def run_classify(args) -> int:
                             args.batch_size)
     probabilities = backend.to_host(softmax(logits))
     results = []
-    for path, probs in zip(paths, probabilities):
+    for path, probs in zip(paths, probabilities, strict=True):
         top = probs.argsort()[::-1][:args.top_k]
         results.append({"path": path, "predictions": [
             {"label": class_names[i], "probability": float(probs[i])} for i in top]})

@@ -181,7 +181,8 @@ def find_cifar10(data_dir: str | os.PathLike | None = None, download: bool = Tru
 
 class _BatchUnpickler(pickle.Unpickler):
     """Unpickles the official batches and refuses anything but plain data and arrays."""
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"),    # NumPy 1 pickles
+               ("numpy._core.multiarray", "_reconstruct"),   # NumPy 2 pickles
                ("numpy", "ndarray"), ("numpy", "dtype"),
                ("_codecs", "encode")}   # how Python 3 writes bytes in protocol-2 pickles
 

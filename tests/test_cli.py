@@ -87,10 +87,11 @@ def test_classify_text_output_and_top_k(images, weights, capsys):
 def test_exif_rotation_is_applied(images):
     from minicnn.images import load_image
     rotated = load_image(images["exif"])
-    upright = np.asarray(Image.open(images["exif"]).transpose(Image.Transpose.ROTATE_270)
-                         .resize((32, 32), Image.Resampling.LANCZOS)).transpose(2, 0, 1)
-    plain = np.asarray(Image.open(images["exif"]).resize((32, 32),
-                                                         Image.Resampling.LANCZOS)).transpose(2, 0, 1)
+    stored = Image.open(images["exif"])
+    lanczos = Image.Resampling.LANCZOS
+    upright = np.asarray(stored.transpose(Image.Transpose.ROTATE_270).resize((32, 32), lanczos))
+    plain = np.asarray(stored.resize((32, 32), lanczos))
+    upright, plain = upright.transpose(2, 0, 1), plain.transpose(2, 0, 1)
     assert np.abs(rotated.astype(int) - upright).mean() < np.abs(rotated.astype(int) - plain).mean()
 
 
@@ -107,7 +108,7 @@ def test_bad_images_are_reported_one_line_each(images, weights, tmp_path, capsys
     assert [r["path"] for r in json.loads(out)] == [str(images["rgb"]), str(images["gray"])]
     lines = err.strip().splitlines()
     assert len(lines) == len(bad)
-    for line, path in zip(lines, bad.values()):
+    for line, path in zip(lines, bad.values(), strict=True):
         assert str(path) in line and "Traceback" not in line
 
 

@@ -130,7 +130,8 @@ def test_normalize(xp):
 def test_random_flip_and_crop(xp):
     images = xp.arange(2 * 1 * 4 * 4, dtype=xp.uint8).reshape(2, 1, 4, 4)
     flipped = data.random_flip(images, xp.asarray([True, False]))
-    np.testing.assert_array_equal(backend.to_host(flipped[0]), backend.to_host(images[0, :, :, ::-1]))
+    mirrored = backend.to_host(images[0, :, :, ::-1])
+    np.testing.assert_array_equal(backend.to_host(flipped[0]), mirrored)
     np.testing.assert_array_equal(backend.to_host(flipped[1]), backend.to_host(images[1]))
     offsets = xp.asarray([[1, 1], [0, 2]])       # padding 1: (1, 1) is the identity
     cropped = backend.to_host(data.random_crop(images, offsets, padding=1))

@@ -60,5 +60,5 @@ def test_sample_images_are_classified(capsys):
     assert main(["classify", *map(str, SAMPLES), "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
     top1 = [r["predictions"][0]["label"] for r in results]
-    correct = sum(label == Path(r["path"]).stem for label, r in zip(top1, results))
+    correct = sum(label == Path(r["path"]).stem for label, r in zip(top1, results, strict=True))
     assert correct >= 4, top1

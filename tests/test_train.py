@@ -46,6 +46,7 @@ def test_fit_learns_and_saves_everything(tmp_path, xp):
     saved = json.loads(history_path(tmp_path / "w.npz").read_text())
     losses = [h["train_loss"] for h in saved["history"]]
     assert losses[-1] < losses[0]
+    assert model.needs_input_grad          # fit turns input gradients off only while training
     loaded, card = load_model(tmp_path / "w.npz")
     assert card["test_accuracy"] == metadata["test_accuracy"]
     assert set(card["test_per_class"]) == set(CLASS_NAMES)
