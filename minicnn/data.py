@@ -162,13 +162,14 @@ def find_cifar10(data_dir: str | os.PathLike | None = None, download: bool = Tru
     else:
         source, root = "the default cache", DEFAULT_CACHE
     root = root.expanduser()
-    if root.is_file():
-        return extract_tarball(root, root.parent)
+    if root.is_file():                      # a tarball: unpack it beside itself, once
+        return (_batches_folder(root.parent / FOLDER)
+                or extract_tarball(root, root.parent, CIFAR10_MD5))
     if (found := _batches_folder(root)) is not None:
         return found
     tarball = root / Path(CIFAR10_URL).name
     if tarball.is_file():
-        return extract_tarball(tarball, root)
+        return extract_tarball(tarball, root, CIFAR10_MD5)
     if source != "the default cache" and root.exists() and any(root.iterdir()):
         raise DataError(f"{root} (from {source}) has no CIFAR-10 python batches: expected "
                         f"{TEST_FILE} in it or in {root / FOLDER}")
@@ -285,6 +286,7 @@ class EpochPlan:
 
 
 def plan_epoch(n: int, seed: int, epoch: int, shuffle: bool = True, crop_padding: int = 0):
+    """The EpochPlan of epoch ``epoch`` for ``n`` samples, on the backend."""
     rng = backend.make_rng([seed, epoch])
     xp = backend.xp
     order = xp.argsort(rng.random(n)) if shuffle else xp.arange(n)

@@ -68,6 +68,16 @@ def test_tarball_entries_outside_the_folder_are_refused(tmp_path, monkeypatch, m
     assert not (tmp_path / "out" / "escaped.txt").exists()   # one level above the staging folder
 
 
+def test_a_tarball_given_as_data_dir_is_unpacked_once(tmp_path, tiny_cifar, monkeypatch):
+    tarball = make_tarball(tiny_cifar, tmp_path / "cifar-10-python.tar.gz")
+    monkeypatch.setattr(data, "CIFAR10_MD5", md5(tarball))
+    folder = data.find_cifar10(tarball)
+    assert folder == tmp_path / "cifar-10-batches-py"
+    marker = folder / "kept"
+    marker.write_text("still here")
+    assert data.find_cifar10(tarball) == folder and marker.exists()
+
+
 def test_download_from_url_with_md5(tmp_path, tiny_cifar):
     tarball = make_tarball(tiny_cifar, tmp_path / "served.tar.gz")
     folder = data.download_cifar10(tmp_path / "cache", url=tarball.as_uri(), md5=md5(tarball),
