@@ -15,7 +15,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from minicnn import __version__, backend, data
-from minicnn.checkpoint import FORMAT, CheckpointError, load_model, read_metadata, read_npz
+from minicnn.checkpoint import FORMAT, CheckpointError, load_model, read_metadata
 from minicnn.errors import MinicnnError
 from minicnn.images import load_images
 from minicnn.losses import softmax
@@ -56,22 +56,26 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def default_weights() -> Path:
-    """The shipped weights file with the highest recorded test accuracy."""
-    best, best_accuracy = None, -1.0
-    for path in sorted(WEIGHTS_DIR.glob("*.npz")):
+def shipped_weights(folder: Path = WEIGHTS_DIR) -> dict:
+    """{path: metadata} of the minicnn weights files in ``folder`` (training-state
+    files and anything unreadable are skipped)."""
+    found = {}
+    for path in sorted(folder.glob("*.npz")):
         try:
             metadata = read_metadata(path)
         except CheckpointError:
             continue
-        if metadata.get("format") != FORMAT:     # e.g. a training-state file
-            continue
-        accuracy = metadata.get("test_accuracy") or 0.0
-        if accuracy > best_accuracy:
-            best, best_accuracy = path, accuracy
-    if best is None:
+        if metadata.get("format") == FORMAT:
+            found[path] = metadata
+    return found
+
+
+def default_weights() -> Path:
+    """The shipped weights file with the highest recorded test accuracy."""
+    candidates = shipped_weights()
+    if not candidates:
         raise MinicnnError(f"no weights file found in {WEIGHTS_DIR}; pass --weights PATH")
-    return best
+    return max(candidates, key=lambda path: candidates[path].get("test_accuracy") or 0.0)
 
 
 # --- train -------------------------------------------------------------------------
@@ -114,7 +118,7 @@ def _train_config(args) -> TrainConfig:
              if getattr(args, f.name, None) is not None}
     if not args.resume:
         return TrainConfig(**given)
-    _, saved = read_npz(state_path(Path(args.out)))
+    saved = read_metadata(state_path(Path(args.out)))
     config = TrainConfig.from_dict(saved.get("config", {}))
     differ = {k: v for k, v in given.items() if getattr(config, k) != v}
     if differ:
@@ -256,10 +260,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except MinicnnError as exc:
-        print(f"minicnn {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except OSError as exc:              # disk full, permission denied, ...
+    except (MinicnnError, OSError) as exc:     # OSError: disk full, permission denied, ...
         print(f"minicnn {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

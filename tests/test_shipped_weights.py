@@ -10,11 +10,11 @@ import pytest
 from conftest import REAL_DATA, requires_real_data
 
 from minicnn import load_model
-from minicnn.cli import WEIGHTS_DIR, default_weights, main
+from minicnn.cli import WEIGHTS_DIR, default_weights, main, shipped_weights
 from minicnn.data import CLASS_NAMES, load_cifar10
 from minicnn.train import evaluate
 
-SHIPPED = sorted(p for p in WEIGHTS_DIR.glob("*.npz") if not p.name.endswith(".state.npz"))
+SHIPPED = list(shipped_weights())
 SAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples" / "images").glob("*.png"))
 PROMISED = {"lenet_cifar10.npz": 0.68}
 
