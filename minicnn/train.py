@@ -17,6 +17,7 @@ exactly where it stopped (each epoch's randomness is drawn from its own seed).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
@@ -140,6 +141,17 @@ class StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
+@contextlib.contextmanager
+def input_gradients_off(model):
+    """While training, nothing needs the gradient of the images: the first layer
+    skips it. Callers get the model back with input gradients on."""
+    model.needs_input_grad = False
+    try:
+        yield model
+    finally:
+        model.needs_input_grad = True
+
+
 @dataclass
 class EpochTotals:
     """Running sums of one epoch, kept on the backend (no host sync per step)."""
@@ -205,7 +217,6 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
 
     images, labels = backend.to_device(train.images), backend.to_device(train.labels)
     model.train()
-    model.needs_input_grad = False        # nothing needs the gradient of the images
 
     def save(epoch: int, step: int, metrics: dict | None = None) -> dict:
         metadata = {
@@ -226,47 +237,44 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
         return metadata
 
     metadata = {}
-    try:
-        with StopRequest() as stop:
-            for epoch in range(start_epoch, config.epochs):
-                plan = data.plan_epoch(n, config.seed, epoch, crop_padding=config.crop_padding)
-                first = start_step if epoch == start_epoch else 0
-                bar_settings = {"desc": f"epoch {epoch + 1}/{config.epochs}", "unit": "batch",
-                                "leave": False, "disable": not progress, "dynamic_ncols": True}
-                epoch_start = time.perf_counter()
-                totals, step = train_epoch(model, criterion, optimizer, schedule, images, labels,
-                                           plan, config, epoch, first, steps_per_epoch,
-                                           bar_settings, stop)
-                train_seconds = time.perf_counter() - epoch_start
-                elapsed += train_seconds
-                if step < steps_per_epoch:          # stopped by Ctrl-C between two steps
-                    save(epoch, step)
-                    raise TrainingInterrupted(
-                        f"interrupted in epoch {epoch + 1} after {step} steps; saved {out}; "
-                        "run again with --resume to continue")
-                result = evaluate(model, test, normalization)
-                model.train()
-                seen = totals.seen
-                history.append({
-                    "epoch": epoch + 1,
-                    "train_loss": float(totals.loss_sum) / max(seen, 1),
-                    "train_accuracy": float(totals.correct) / max(seen, 1),
-                    "test_accuracy": result["accuracy"],
-                    "lr": optimizer.lr,
-                    "seconds": round(train_seconds, 2),
-                    "images_per_second": round(seen / train_seconds, 1),
-                })
-                h = history[-1]
-                log(f"epoch {epoch + 1:>3}/{config.epochs}  loss {h['train_loss']:.4f}  "
-                    f"train acc {h['train_accuracy']:.2%}  test acc {h['test_accuracy']:.2%}  "
-                    f"{train_seconds:.1f}s ({h['images_per_second']:.0f} img/s)")
-                metadata = save(epoch + 1, 0, {"test_per_class": result["per_class"]})
-                if stop.requested and epoch + 1 < config.epochs:
-                    raise TrainingInterrupted(
-                        f"interrupted after epoch {epoch + 1}; saved {out}; "
-                        "run again with --resume to continue")
-    finally:
-        model.needs_input_grad = True        # callers may want input gradients
+    with StopRequest() as stop, input_gradients_off(model):
+        for epoch in range(start_epoch, config.epochs):
+            plan = data.plan_epoch(n, config.seed, epoch, crop_padding=config.crop_padding)
+            first = start_step if epoch == start_epoch else 0
+            bar_settings = {"desc": f"epoch {epoch + 1}/{config.epochs}", "unit": "batch",
+                            "leave": False, "disable": not progress, "dynamic_ncols": True}
+            epoch_start = time.perf_counter()
+            totals, step = train_epoch(model, criterion, optimizer, schedule, images, labels,
+                                       plan, config, epoch, first, steps_per_epoch,
+                                       bar_settings, stop)
+            train_seconds = time.perf_counter() - epoch_start
+            elapsed += train_seconds
+            if step < steps_per_epoch:          # stopped by Ctrl-C between two steps
+                save(epoch, step)
+                raise TrainingInterrupted(
+                    f"interrupted in epoch {epoch + 1} after {step} steps; saved {out}; "
+                    "run again with --resume to continue")
+            result = evaluate(model, test, normalization)
+            model.train()
+            seen = totals.seen
+            history.append({
+                "epoch": epoch + 1,
+                "train_loss": float(totals.loss_sum) / max(seen, 1),
+                "train_accuracy": float(totals.correct) / max(seen, 1),
+                "test_accuracy": result["accuracy"],
+                "lr": optimizer.lr,
+                "seconds": round(train_seconds, 2),
+                "images_per_second": round(seen / train_seconds, 1),
+            })
+            h = history[-1]
+            log(f"epoch {epoch + 1:>3}/{config.epochs}  loss {h['train_loss']:.4f}  "
+                f"train acc {h['train_accuracy']:.2%}  test acc {h['test_accuracy']:.2%}  "
+                f"{train_seconds:.1f}s ({h['images_per_second']:.0f} img/s)")
+            metadata = save(epoch + 1, 0, {"test_per_class": result["per_class"]})
+            if stop.requested and epoch + 1 < config.epochs:
+                raise TrainingInterrupted(
+                    f"interrupted after epoch {epoch + 1}; saved {out}; "
+                    "run again with --resume to continue")
     return metadata
 
 
