@@ -117,6 +117,11 @@ def array_module(x):
     return numpy
 
 
+def on_cpu(x) -> bool:
+    """True if ``x`` is a NumPy array (host memory), False for a CuPy array."""
+    return array_module(x) is numpy
+
+
 def to_device(x, dtype=None):
     """Copy a host (NumPy) array to the current backend; a no-op on NumPy."""
     out = xp.asarray(x)

@@ -43,13 +43,21 @@ def window_view(x_pad, i: int, j: int, stride: int, oh: int, ow: int):
     return x_pad[:, :, i:i + stride * oh:stride, j:j + stride * ow:stride]
 
 
-def im2col(x, kh: int, kw: int, stride: int = 1, padding: int = 0):
-    """(N, C, H, W) -> cols of shape (C*kh*kw, N*OH*OW); see the module docstring."""
+def im2col(x, kh: int, kw: int, stride: int = 1, padding: int = 0, out=None):
+    """(N, C, H, W) -> cols of shape (C*kh*kw, N*OH*OW); see the module docstring.
+
+    ``out``, if given, is a buffer of at least C*kh*kw*N*OH*OW entries of x's
+    dtype that receives cols (a layer reuses one buffer from step to step).
+    """
     xp = backend.array_module(x)
     n, c, h, w = x.shape
     oh, ow = output_size(h, kh, stride, padding), output_size(w, kw, stride, padding)
     x_pad = pad_hw(x, padding)
-    cols = xp.empty((c, kh, kw, n, oh, ow), dtype=x.dtype)
+    shape = (c, kh, kw, n, oh, ow)
+    if out is None:
+        cols = xp.empty(shape, dtype=x.dtype)
+    else:
+        cols = out.reshape(-1)[:c * kh * kw * n * oh * ow].reshape(shape)
     for i in range(kh):
         for j in range(kw):
             cols[:, i, j] = window_view(x_pad, i, j, stride, oh, ow).transpose(1, 0, 2, 3)

@@ -2,9 +2,11 @@
 
 Forward: y[n, c, oh, ow] = max over (i, j) of x_pad[n, c, oh*s + i, ow*s + j],
 where x_pad is x padded with -inf (a padded cell never wins). The loop runs
-over the kh*kw kernel offsets; ``argmax`` records which offset won each
-window. Ties go to the first offset in row-major order, so every window has
-exactly one winner.
+over the kh*kw kernel offsets. ``winners[k]`` marks the windows that offset k
+won; ties go to the first offset in row-major order, so every window has
+exactly one winner. The masks are built with comparisons and boolean and/or,
+and backward multiplies by them: no data-dependent branch per entry, which
+on NumPy is several times faster than ``where`` or masked assignment.
 
 Backward: only the winner of a window influenced y, with slope 1::
 
@@ -48,28 +50,32 @@ class MaxPool2d(Module):
         if oh < 1 or ow < 1:
             raise ValueError(f"MaxPool2d window {k}x{k} does not fit input {h}x{w}")
         x_pad = pad_hw(x, p, value=-xp.inf)
-        y = None
-        argmax = xp.zeros((n, c, oh, ow), dtype=xp.int8 if k * k < 128 else xp.int32)
-        for index, (i, j) in enumerate(self._offsets()):
-            window = window_view(x_pad, i, j, s, oh, ow)
-            if y is None:
-                y = window.copy()
-                continue
-            wins = window > y                  # strict: ties keep the earlier offset
-            argmax[wins] = index
+        windows = [window_view(x_pad, i, j, s, oh, ow) for i, j in self._offsets()]
+        y = windows[0].copy()
+        for window in windows[1:]:
             xp.maximum(y, window, out=y)
-        self.cache = (x.shape, argmax)
+        self.cache = None
+        if self.training:
+            winners = xp.empty((len(windows), n, c, oh, ow), dtype=bool)
+            taken = xp.zeros((n, c, oh, ow), dtype=bool)     # window already has its winner
+            for index, window in enumerate(windows):
+                xp.equal(window, y, out=winners[index])
+                winners[index] &= ~taken                     # first maximum only
+                taken |= winners[index]
+            self.cache = (x.shape, winners)
         return y
 
     def backward(self, dy):
+        if self.cache is None:
+            raise RuntimeError("MaxPool2d.backward needs a forward pass in training mode first")
         xp = backend.array_module(dy)
-        x_shape, argmax = self.cache
+        x_shape, winners = self.cache
         n, c, h, w = x_shape
         s, p = self.stride, self.padding
-        oh, ow = argmax.shape[2:]
+        oh, ow = winners.shape[3:]
         dx_pad = xp.zeros((n, c, h + 2 * p, w + 2 * p), dtype=dy.dtype)
         for index, (i, j) in enumerate(self._offsets()):
-            window_view(dx_pad, i, j, s, oh, ow)[...] += xp.where(argmax == index, dy, 0)
+            window_view(dx_pad, i, j, s, oh, ow)[...] += dy * winners[index]
         return dx_pad[:, :, p:p + h, p:p + w]
 
     def extra_repr(self) -> str:

@@ -1,0 +1,307 @@
+"""CPU throughput and peak memory of minicnn (NumPy) against PyTorch, model by model.
+
+    python benchmarks/bench_cpu.py                    # every registered model
+    python benchmarks/bench_cpu.py --models lenet --rounds 9
+    python benchmarks/bench_cpu.py --profile          # time per layer, forward and backward
+
+What is timed, on random float32 data of shape (N, 3, 32, 32):
+
+- train N=64 and N=256: one step = forward, softmax cross-entropy, backward,
+  SGD step (momentum 0.9, weight decay 5e-4), the same in both engines.
+- infer N=1000: forward only, eval mode (PyTorch under ``torch.inference_mode``).
+
+The two engines run interleaved in one process: each round times a block of
+minicnn steps, then the same number of PyTorch steps, so drift of the
+machine (other load, clock changes) hits both. Reported: the median over the
+rounds of images/s, and ratio = minicnn / PyTorch (> 1 means minicnn is
+faster).
+
+Peak memory is measured in a fresh child process per engine and case: the
+growth of peak resident memory (VmHWM, Linux) over three steps above the
+resident memory just before the first step: activations, caches, gradients,
+optimizer state and whatever the libraries allocate on first use, but not
+the libraries' code or the model's parameters.
+
+PyTorch (``pip install torch``) is optional: without it only minicnn's own
+numbers are printed. minicnn itself never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from minicnn import models
+from minicnn.layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential
+from minicnn.losses import SoftmaxCrossEntropy
+from minicnn.optim import SGD
+
+CASES = (("train", 64), ("train", 256), ("infer", 1000))
+LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
+
+
+def random_batch(batch_size: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch_size, 3, 32, 32), dtype=np.float32)
+    labels = rng.integers(0, 10, batch_size)
+    return x, labels
+
+
+# --- minicnn -------------------------------------------------------------------
+
+class MinicnnRunner:
+    """One model and one batch; ``step()`` runs one training step or one inference."""
+
+    def __init__(self, name: str, mode: str, batch_size: int):
+        self.model = models.build_model(name)
+        self.model.train(mode == "train")
+        self.model.needs_input_grad = False      # no gradient for the image itself
+        self.mode = mode
+        self.x, self.labels = random_batch(batch_size)
+        self.criterion = SoftmaxCrossEntropy()
+        self.optimizer = SGD(self.model, LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+
+    def step(self) -> None:
+        logits = self.model.forward(self.x)
+        if self.mode == "train":
+            self.criterion.forward(logits, self.labels)
+            self.model.backward(self.criterion.backward())
+            self.optimizer.step()
+
+
+# --- PyTorch -----------------------------------------------------------------
+
+def torch_mirror(model):
+    """The same network in PyTorch, with minicnn's parameters copied in.
+
+    Returns None when the model uses a layer this mirror does not know.
+    """
+    import torch
+    nn = torch.nn
+    layers = []
+    for layer in model.layers:
+        if isinstance(layer, Conv2d):
+            mirror = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                               stride=layer.stride, padding=layer.padding,
+                               bias="bias" in layer.params)
+        elif isinstance(layer, Linear):
+            mirror = nn.Linear(layer.in_features, layer.out_features, bias="bias" in layer.params)
+        elif isinstance(layer, MaxPool2d):
+            mirror = nn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding)
+        elif isinstance(layer, ReLU):
+            mirror = nn.ReLU()
+        elif isinstance(layer, Flatten):
+            mirror = nn.Flatten()
+        else:
+            return None
+        with torch.no_grad():
+            for key, value in layer.params.items():
+                getattr(mirror, key).copy_(torch.from_numpy(np.asarray(value)))
+        layers.append(mirror)
+    return nn.Sequential(*layers)
+
+
+class TorchRunner:
+    def __init__(self, name: str, mode: str, batch_size: int):
+        import torch
+        self.torch = torch
+        model = models.build_model(name)
+        if not isinstance(model, Sequential) or (mirror := torch_mirror(model)) is None:
+            raise LookupError(f"no PyTorch mirror for {name}")
+        self.model = mirror.train(mode == "train")
+        self.mode = mode
+        x, labels = random_batch(batch_size)
+        self.x, self.labels = torch.from_numpy(x), torch.from_numpy(labels)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM,
+                                         weight_decay=WEIGHT_DECAY)
+
+    def step(self) -> None:
+        if self.mode == "train":
+            loss = self.torch.nn.functional.cross_entropy(self.model(self.x), self.labels)
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+        else:
+            with self.torch.inference_mode():
+                self.model(self.x)
+
+
+def torch_runner(name: str, mode: str, batch_size: int):
+    try:
+        return TorchRunner(name, mode, batch_size)
+    except (ImportError, LookupError):
+        return None
+
+
+# --- timing ----------------------------------------------------------------------
+
+def time_steps(runner, steps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(steps):
+        runner.step()
+    return time.perf_counter() - start
+
+
+def warm_up(runner, seconds: float = 1.0) -> float:
+    """Run steps for about ``seconds`` (first-use allocations, caches, clocks); return s/step."""
+    steps, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or steps < 3:
+        runner.step()
+        steps += 1
+    return elapsed / steps
+
+
+def interleaved(name: str, mode: str, batch_size: int, rounds: int, seconds: float) -> dict:
+    """Median images/s of both engines over ``rounds`` alternating blocks."""
+    ours = MinicnnRunner(name, mode, batch_size)
+    theirs = torch_runner(name, mode, batch_size)
+    steps = max(1, round(seconds / warm_up(ours)))
+    if theirs is not None:
+        warm_up(theirs)
+    rates = {"minicnn": [], "torch": []}
+    for _ in range(rounds):
+        rates["minicnn"].append(steps * batch_size / time_steps(ours, steps))
+        if theirs is not None:
+            rates["torch"].append(steps * batch_size / time_steps(theirs, steps))
+    return {engine: statistics.median(r) if r else None for engine, r in rates.items()}
+
+
+# --- peak memory, in child processes ---------------------------------------------
+
+def _status_mb(field: str) -> float:
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, in MB (Linux)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def memory_child(engine: str, name: str, mode: str, batch_size: int, steps: int = 3) -> None:
+    """Run in a fresh process: print the growth of peak RSS over ``steps`` steps, in MB."""
+    runner = (MinicnnRunner if engine == "minicnn" else TorchRunner)(name, mode, batch_size)
+    before = _status_mb("VmRSS")
+    for _ in range(steps):
+        runner.step()
+    print(json.dumps({"peak_mb": max(_status_mb("VmHWM") - before, 0.0)}))
+
+
+def peak_memory_mb(engine: str, name: str, mode: str, batch_size: int):
+    command = [sys.executable, __file__, "--memory-child", engine, name, mode, str(batch_size)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+# --- per-layer profile -------------------------------------------------------------
+
+def profile(name: str, batch_size: int, steps: int) -> None:
+    """Print mean milliseconds per layer, forward and backward, over ``steps`` steps."""
+    runner = MinicnnRunner(name, "train", batch_size)
+    layers = runner.model.layers
+    forward = [0.0] * len(layers)
+    backward = [0.0] * len(layers)
+    other = {"loss": 0.0, "sgd": 0.0}
+    warm_up(runner)
+    for _ in range(steps):
+        x = runner.x
+        for index, layer in enumerate(layers):
+            start = time.perf_counter()
+            x = layer.forward(x)
+            forward[index] += time.perf_counter() - start
+        start = time.perf_counter()
+        runner.criterion.forward(x, runner.labels)
+        dy = runner.criterion.backward()
+        other["loss"] += time.perf_counter() - start
+        layers[0].needs_input_grad = False
+        for index in reversed(range(len(layers))):
+            start = time.perf_counter()
+            dy = layers[index].backward(dy)
+            backward[index] += time.perf_counter() - start
+        start = time.perf_counter()
+        runner.optimizer.step()
+        other["sgd"] += time.perf_counter() - start
+    total = sum(forward) + sum(backward) + sum(other.values())
+    print(f"\n{name}, training step at batch {batch_size}: mean ms per step over {steps} steps")
+    print(f"{'layer':<34}{'forward':>9}{'backward':>10}{'share':>8}")
+    for index, layer in enumerate(layers):
+        ms_f, ms_b = 1e3 * forward[index] / steps, 1e3 * backward[index] / steps
+        share = (forward[index] + backward[index]) / total
+        print(f"{index:>2} {layer!r:<31.31}{ms_f:>9.3f}{ms_b:>10.3f}{share:>8.1%}")
+    for key, seconds in other.items():
+        print(f"   {key:<31}{1e3 * seconds / steps:>9.3f}{'':>10}{seconds / total:>8.1%}")
+    print(f"   {'total':<31}{1e3 * total / steps:>9.3f} ms  "
+          f"({steps * batch_size / total:,.0f} images/s)")
+
+
+# --- main ----------------------------------------------------------------------------
+
+def thread_report() -> str:
+    parts = [f"numpy {np.__version__}"]
+    try:
+        import torch
+        parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    except ImportError:
+        parts.append("torch not installed")
+    blas = os.environ.get("OPENBLAS_NUM_THREADS", "default")
+    parts.append(f"OPENBLAS_NUM_THREADS={blas}, {os.cpu_count()} CPUs")
+    return ", ".join(parts)
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=sorted(models.MODELS),
+                        choices=sorted(models.MODELS), help="default: every registered model")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per case")
+    parser.add_argument("--seconds", type=float, default=0.5,
+                        help="approximate length of one engine's block in a round")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    parser.add_argument("--profile", action="store_true",
+                        help="print time per layer (forward, backward) instead")
+    parser.add_argument("--profile-steps", type=int, default=50)
+    parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.memory_child:
+        engine, name, mode, batch_size = args.memory_child
+        memory_child(engine, name, mode, int(batch_size))
+        return
+    print(thread_report())
+    if args.profile:
+        for name in args.models:
+            for batch_size in (64, 256):
+                profile(name, batch_size, args.profile_steps)
+        return
+
+    header = (f"{'model':<10}{'case':<12}{'minicnn img/s':>14}{'torch img/s':>13}{'ratio':>7}"
+              f"{'minicnn MB':>12}{'torch MB':>10}")
+    print(header)
+    for name in args.models:
+        for mode, batch_size in CASES:
+            rates = interleaved(name, mode, batch_size, args.rounds, args.seconds)
+            ratio = rates["minicnn"] / rates["torch"] if rates["torch"] else None
+            memory = {engine: None for engine in ("minicnn", "torch")}
+            if not args.no_memory:
+                memory["minicnn"] = peak_memory_mb("minicnn", name, mode, batch_size)
+                if rates["torch"]:
+                    memory["torch"] = peak_memory_mb("torch", name, mode, batch_size)
+            print(f"{name:<10}{f'{mode} {batch_size}':<12}{fmt(rates['minicnn'], ',.0f'):>14}"
+                  f"{fmt(rates['torch'], ',.0f'):>13}{fmt(ratio, '.2f'):>7}"
+                  f"{fmt(memory['minicnn'], '.1f'):>12}{fmt(memory['torch'], '.1f'):>10}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

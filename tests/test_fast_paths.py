@@ -1,0 +1,104 @@
+"""The fast paths against the plain versions they replace.
+
+Conv2d runs over the batch in chunks on worker threads and recomputes cols
+in backward; the plain version (``chunk_images=None``) does the whole batch
+as one matrix product. MaxPool2d's backward must send each window's gradient
+to exactly one input, the first maximum, even when a window is all ties (as
+after a ReLU); PyTorch does the same.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minicnn import backend, parallel
+from minicnn.layers import Conv2d, MaxPool2d, ReLU
+
+
+@pytest.fixture(params=[1, 3], ids=["1-thread", "3-threads"])
+def threads(request):
+    parallel.set_workers(request.param)
+    yield request.param
+    parallel.set_workers(parallel._default_workers())
+
+
+@pytest.mark.parametrize("k,stride,padding,needs_dx", [(5, 1, 0, False), (3, 2, 1, True),
+                                                        (3, 1, 1, True)])
+@pytest.mark.parametrize("chunk", [1, 3, "auto"])
+def test_chunked_conv_matches_plain(xp, threads, k, stride, padding, needs_dx, chunk):
+    rng = backend.make_rng(1)
+    x = rng.standard_normal((7, 3, 9, 8))
+    plain = Conv2d(3, 4, k, stride=stride, padding=padding).astype(xp.float64)
+    plain.chunk_images, plain.needs_input_grad = None, needs_dx
+    fast = Conv2d(3, 4, k, stride=stride, padding=padding)
+    fast.params = dict(plain.params)
+    fast.chunk_images, fast.needs_input_grad = chunk, needs_dx
+    y_plain, y_fast = plain.forward(x), fast.forward(x)
+    dy = rng.standard_normal(y_plain.shape)
+    dx_plain, dx_fast = plain.backward(dy), fast.backward(dy)
+    np.testing.assert_allclose(backend.to_host(y_fast), backend.to_host(y_plain), rtol=1e-12)
+    for key in plain.grads:
+        np.testing.assert_allclose(backend.to_host(fast.grads[key]),
+                                   backend.to_host(plain.grads[key]), rtol=1e-12)
+    if needs_dx:
+        np.testing.assert_allclose(backend.to_host(dx_fast), backend.to_host(dx_plain),
+                                   rtol=1e-12)
+    else:
+        assert dx_fast is None
+
+
+def test_conv_reuses_its_cols_buffer_across_calls(xp):
+    conv = Conv2d(3, 2, 3)
+    x = backend.make_rng(0).standard_normal((4, 3, 6, 6)).astype(xp.float32)
+    first = conv.forward(x).copy()
+    buffers = dict(conv._cols_buffers)
+    second = conv.forward(x)
+    assert all(conv._cols_buffers[key] is buffers[key] for key in buffers)
+    np.testing.assert_array_equal(backend.to_host(first), backend.to_host(second))
+
+
+def test_run_chunks_keeps_order_and_uses_every_worker(threads):
+    seen = []
+    parts = [slice(i, i + 1) for i in range(10)]
+    results = parallel.run_chunks(lambda part, worker: (seen.append(worker), part.start)[1],
+                                  parts, np.zeros(1))
+    assert results == list(range(10))
+    assert set(seen) == set(range(min(threads, 10)))
+
+
+def test_set_workers_rejects_zero():
+    with pytest.raises(ValueError, match="at least one"):
+        parallel.set_workers(0)
+
+
+def test_maxpool_all_ties_send_the_gradient_to_the_first_cell(xp):
+    pool = MaxPool2d(2)
+    x = xp.zeros((1, 1, 4, 4))                  # every window is a four-way tie
+    pool.forward(x)
+    dx = backend.to_host(pool.backward(xp.ones((1, 1, 2, 2))))
+    expected = np.zeros((4, 4))
+    expected[::2, ::2] = 1                       # top-left of each window
+    np.testing.assert_array_equal(dx[0, 0], expected)
+
+
+def test_maxpool_ties_match_pytorch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 3, (2, 3, 8, 8)).astype(np.float64)   # many ties
+    dy = rng.standard_normal((2, 3, 3, 3))
+    pool = MaxPool2d(3, stride=2)
+    pool.forward(x)
+    dx = pool.backward(dy)
+    xt = torch.tensor(x, requires_grad=True)
+    torch.nn.functional.max_pool2d(xt, 3, stride=2).backward(torch.tensor(dy))
+    np.testing.assert_allclose(dx, xt.grad.numpy())
+
+
+@pytest.mark.parametrize("layer", [Conv2d(1, 1, 2), MaxPool2d(2), ReLU()],
+                         ids=["conv", "pool", "relu"])
+def test_eval_mode_keeps_no_cache_and_backward_says_so(layer):
+    layer.eval()
+    layer.forward(np.ones((1, 1, 4, 4)))
+    with pytest.raises(RuntimeError, match="training mode"):
+        layer.backward(np.ones((1, 1, 2, 2)))
