@@ -21,6 +21,7 @@ from minicnn.images import load_images
 from minicnn.losses import softmax
 from minicnn.models import MODELS, build_model
 from minicnn.optim import SCHEDULES
+from minicnn.trace import trace_step
 from minicnn.train import (TrainConfig, TrainingInterrupted, evaluate, fit, predict_logits,
                            state_path)
 
@@ -244,6 +245,46 @@ def run_classify(args) -> int:
     return EXIT_ERROR if errors else 0
 
 
+# --- trace -------------------------------------------------------------------------
+
+DEFAULT_TRACE_IMAGE = Path(__file__).resolve().parent.parent / "examples" / "images" / "cat.png"
+
+
+def add_trace_parser(subparsers) -> None:
+    p = subparsers.add_parser("trace", help="follow one image through forward and backward, "
+                                            "layer by layer")
+    p.add_argument("image", nargs="?", default=str(DEFAULT_TRACE_IMAGE),
+                   help="image file (default: examples/images/cat.png)")
+    p.add_argument("--label", help="class name or index for the loss (default: the "
+                                   "predicted class)")
+    p.add_argument("--weights", help="weights file (default: weights/lenet_cifar10.npz, "
+                                     "the seed network)")
+    p.set_defaults(handler=run_trace)
+
+
+def run_trace(args) -> int:
+    backend.use("numpy")
+    weights = Path(args.weights) if args.weights else WEIGHTS_DIR / "lenet_cifar10.npz"
+    model, metadata = load_model(weights)
+    names = metadata["class_names"]
+    paths, images, errors = load_images([args.image])
+    if errors:
+        raise MinicnnError(errors[0])
+    x = data.normalize(images, **metadata["normalization"])
+    if args.label is None:
+        label = int(model.eval().forward(x).argmax())
+    elif args.label in names:
+        label = names.index(args.label)
+    elif args.label.isdigit() and int(args.label) < len(names):
+        label = int(args.label)
+    else:
+        raise MinicnnError(f"--label must be a class name ({', '.join(names)}) "
+                           f"or an index below {len(names)}, got {args.label!r}")
+    print(f"{paths[0]} through {weights}\n")
+    print("\n".join(trace_step(model, x, label, names)))
+    return 0
+
+
 # --- entry point -------------------------------------------------------------------
 
 def build_parser() -> ArgumentParser:
@@ -253,6 +294,7 @@ def build_parser() -> ArgumentParser:
     add_train_parser(subparsers)
     add_evaluate_parser(subparsers)
     add_classify_parser(subparsers)
+    add_trace_parser(subparsers)
     return parser
 
 

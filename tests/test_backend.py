@@ -14,8 +14,8 @@ from minicnn.backend import BackendError
 
 PACKAGE = Path(backend.__file__).parent
 # The backend is the only module that imports numpy or cupy for computing; the
-# I/O modules use numpy for host-side file formats (npz, pickled batches, images).
-ALLOWED_NUMPY = {"backend.py", "data.py", "checkpoint.py", "images.py"}
+# I/O modules use numpy for host-side file formats (npz, pickled batches, images, PNGs).
+ALLOWED_NUMPY = {"backend.py", "data.py", "checkpoint.py", "images.py", "visualize.py"}
 ALLOWED_CUPY = {"backend.py"}
 
 

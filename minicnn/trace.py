@@ -1,0 +1,56 @@
+"""One training step of one image, layer by layer, for a learner to follow.
+
+``python -m minicnn trace [IMAGE]`` runs the image through a Sequential
+model, printing each layer's output shape and statistics; then the loss for
+a label; then the backward pass from the loss to the image, printing the
+shape and norm of every gradient: dL/d(input of each layer), and dL/dW,
+dL/db of the layers that have parameters. Nothing is updated.
+"""
+
+from __future__ import annotations
+
+from minicnn import backend
+from minicnn.layers.base import Sequential
+from minicnn.losses import SoftmaxCrossEntropy
+
+
+def _stats(array) -> str:
+    return (f"mean {float(array.mean()):+.4f}  std {float(array.std()):.4f}  "
+            f"min {float(array.min()):+.4f}  max {float(array.max()):+.4f}  "
+            f"zeros {float((array == 0).mean()):.0%}")
+
+
+def _norm(array) -> float:
+    xp = backend.array_module(array)
+    return float(xp.sqrt((array.astype(xp.float64) ** 2).sum()))
+
+
+def trace_step(model: Sequential, x, label: int, class_names=None) -> list[str]:
+    """Forward and backward of one batch ``x`` (1, C, H, W) with ``label``; returns the lines."""
+    if not isinstance(model, Sequential):
+        raise TypeError("trace needs a Sequential model")
+    model.train()                       # caches for backward; lenet has no train-only layers
+    lines = ["forward", f"   input                        {tuple(x.shape)!s:<18} {_stats(x)}"]
+    out = x
+    for index, layer in enumerate(model.layers):
+        out = layer.forward(out)
+        lines.append(f"{index:>2} {layer!r:<27.27} {tuple(out.shape)!s:<18} {_stats(out)}")
+    criterion = SoftmaxCrossEntropy()
+    labels = backend.xp.asarray([label])
+    loss = float(criterion.forward(out, labels))
+    name = class_names[label] if class_names else str(label)
+    lines += [f"loss: softmax cross-entropy for label {label} ({name}) = {loss:.4f}", "",
+              "backward (dL/d of each layer's input; then its parameters' gradients)"]
+    grad = criterion.backward()
+    lines.append(f"   dL/dlogits                   {tuple(grad.shape)!s:<18} "
+                 f"norm {_norm(grad):.4g}")
+    model.layers[0].needs_input_grad = True
+    for index in reversed(range(len(model.layers))):
+        layer = model.layers[index]
+        grad = layer.backward(grad)
+        lines.append(f"{index:>2} {layer!r:<27.27} {tuple(grad.shape)!s:<18} "
+                     f"norm {_norm(grad):.4g}")
+        for key in layer.params:
+            g = layer.grads[key]
+            lines.append(f"     dL/d{key:<23} {tuple(g.shape)!s:<18} norm {_norm(g):.4g}")
+    return lines
