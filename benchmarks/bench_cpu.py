@@ -211,6 +211,7 @@ def profile(name: str, batch_size: int, steps: int) -> None:
     backward = [0.0] * len(layers)
     other = {"loss": 0.0, "sgd": 0.0}
     warm_up(runner)
+    layers[0].needs_input_grad = False     # as Sequential.backward would set it
     for _ in range(steps):
         x = runner.x
         for index, layer in enumerate(layers):
@@ -221,7 +222,6 @@ def profile(name: str, batch_size: int, steps: int) -> None:
         runner.criterion.forward(x, runner.labels)
         dy = runner.criterion.backward()
         other["loss"] += time.perf_counter() - start
-        layers[0].needs_input_grad = False
         for index in reversed(range(len(layers))):
             start = time.perf_counter()
             dy = layers[index].backward(dy)

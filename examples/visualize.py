@@ -21,7 +21,7 @@ from pathlib import Path
 from minicnn import backend, data
 from minicnn.checkpoint import load_model
 from minicnn.errors import MinicnnError
-from minicnn.images import load_images
+from minicnn.images import load_image
 from minicnn.train import history_path
 from minicnn.visualize import (curves, feature_map_grids, filter_grid, saliency,
                                saliency_image)
@@ -32,10 +32,8 @@ DEFAULT_IMAGE = Path(__file__).resolve().parent / "images" / "cat.png"
 def visualize(weights: Path, image: Path, out: Path, history: Path | None) -> list[Path]:
     backend.use("numpy")
     model, metadata = load_model(weights)
-    _, images, errors = load_images([image])
-    if errors:
-        raise MinicnnError(errors[0])
-    x = data.normalize(images, **metadata["normalization"])
+    image_uint8 = load_image(image)                                   # (3, 32, 32)
+    x = data.normalize(image_uint8[None], **metadata["normalization"])
     out.mkdir(parents=True, exist_ok=True)
     written = []
 
@@ -48,7 +46,7 @@ def visualize(weights: Path, image: Path, out: Path, history: Path | None) -> li
     for index, grid in feature_map_grids(model, x).items():
         save(grid, f"features_layer{index}.png")
     predicted = int(model.eval().forward(x).argmax())
-    save(saliency_image(images[0], saliency(model, x, predicted)), "saliency.png")
+    save(saliency_image(image_uint8, saliency(model, x, predicted)), "saliency.png")
     history = history or history_path(weights)
     if history.exists():
         entries = json.loads(history.read_text())["history"]

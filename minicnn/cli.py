@@ -17,7 +17,7 @@ from pathlib import Path
 from minicnn import __version__, backend, data
 from minicnn.checkpoint import FORMAT, CheckpointError, load_model, read_metadata
 from minicnn.errors import MinicnnError
-from minicnn.images import load_images
+from minicnn.images import load_image, load_images
 from minicnn.losses import softmax
 from minicnn.models import MODELS, build_model
 from minicnn.optim import SCHEDULES
@@ -267,10 +267,7 @@ def run_trace(args) -> int:
     weights = Path(args.weights) if args.weights else WEIGHTS_DIR / "lenet_cifar10.npz"
     model, metadata = load_model(weights)
     names = metadata["class_names"]
-    paths, images, errors = load_images([args.image])
-    if errors:
-        raise MinicnnError(errors[0])
-    x = data.normalize(images, **metadata["normalization"])
+    x = data.normalize(load_image(args.image)[None], **metadata["normalization"])
     if args.label is None:
         label = int(model.eval().forward(x).argmax())
     elif args.label in names:
@@ -280,7 +277,7 @@ def run_trace(args) -> int:
     else:
         raise MinicnnError(f"--label must be a class name ({', '.join(names)}) "
                            f"or an index below {len(names)}, got {args.label!r}")
-    print(f"{paths[0]} through {weights}\n")
+    print(f"{args.image} through {weights}\n")
     print("\n".join(trace_step(model, x, label, names)))
     return 0
 

@@ -79,12 +79,15 @@ def run_chunks(work, parts: list, array) -> list:
     if _pool is None:
         _pool = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="minicnn")
 
-    def worker_loop(worker: int) -> list:
-        return [(index, work(parts[index], worker)) for index in range(worker, len(parts), count)]
+    results = [None] * len(parts)
+
+    def worker_loop(worker: int) -> None:
+        for index in range(worker, len(parts), count):
+            results[index] = work(parts[index], worker)
 
     with _blas_one_thread():
         futures = [_pool.submit(worker_loop, worker) for worker in range(1, count)]
-        results = worker_loop(0)                       # the calling thread is worker 0
+        worker_loop(0)                                 # the calling thread is worker 0
         for future in futures:
-            results += future.result()
-    return [result for _, result in sorted(results, key=lambda item: item[0])]
+            future.result()                            # waits, and re-raises a worker's error
+    return results

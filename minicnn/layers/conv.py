@@ -20,7 +20,6 @@ chunk (dW and db are sums over images, so the chunks' parts are added up):
 - backward recomputes a chunk's cols from x instead of keeping all of them
   from forward: copying cols out of x again is cheaper than reading 60 MB
   back from memory, and training keeps only x (as PyTorch does).
-
 - the chunks are shared out among worker threads, one per core
   (:mod:`minicnn.parallel`); each thread has its own cols buffer.
 
@@ -66,15 +65,18 @@ class Conv2d(Module):
         self.cache = None
         self._cols_buffers: dict = {}     # worker thread -> its cols buffer, see _buffer
 
+    def _cols_per_image(self, x) -> int:
+        """Entries of cols for one image of x: C*kh*kw*OH*OW."""
+        kh, kw = self.kernel_size
+        h, w = x.shape[2:]
+        return (self.in_channels * kh * kw * output_size(h, kh, self.stride, self.padding)
+                * output_size(w, kw, self.stride, self.padding))
+
     def _buffer(self, x, part, worker: int):
         """A cols buffer for one chunk, kept between calls (one per worker thread):
         allocating a few MB afresh for every chunk costs page faults that took
         longer than the copy itself."""
-        kh, kw = self.kernel_size
-        h, w = x.shape[2:]
-        size = (self.in_channels * kh * kw * (part.stop - part.start)
-                * output_size(h, kh, self.stride, self.padding)
-                * output_size(w, kw, self.stride, self.padding))
+        size = self._cols_per_image(x) * (part.stop - part.start)
         buffer = self._cols_buffers.get(worker)
         if buffer is None or buffer.size < size or buffer.dtype != x.dtype \
                 or backend.on_cpu(buffer) != backend.on_cpu(x):
@@ -83,15 +85,11 @@ class Conv2d(Module):
 
     def _chunks(self, x):
         """Slices of the batch whose cols take about CHUNK_BYTES each (one for the plain version)."""
-        n, _, h, w = x.shape
+        n = x.shape[0]
         if self.chunk_images is None:
             size = n
         elif self.chunk_images == "auto":
-            kh, kw = self.kernel_size
-            oh = output_size(h, kh, self.stride, self.padding)
-            ow = output_size(w, kw, self.stride, self.padding)
-            cols_bytes = self.in_channels * kh * kw * oh * ow * x.dtype.itemsize
-            size = max(1, CHUNK_BYTES // cols_bytes)
+            size = max(1, CHUNK_BYTES // (self._cols_per_image(x) * x.dtype.itemsize))
         else:
             size = int(self.chunk_images)
         return [slice(start, min(start + size, n)) for start in range(0, n, size)]
