@@ -39,7 +39,7 @@ import time
 import numpy as np
 
 from minicnn import models
-from minicnn.layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential
+from minicnn.layers import Sequential
 from minicnn.losses import SoftmaxCrossEntropy
 from minicnn.optim import SGD
 
@@ -78,39 +78,10 @@ class MinicnnRunner:
 
 # --- PyTorch -----------------------------------------------------------------
 
-def torch_mirror(model):
-    """The same network in PyTorch, with minicnn's parameters copied in.
-
-    Returns None when the model uses a layer this mirror does not know.
-    """
-    import torch
-    nn = torch.nn
-    layers = []
-    for layer in model.layers:
-        if isinstance(layer, Conv2d):
-            mirror = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
-                               stride=layer.stride, padding=layer.padding,
-                               bias="bias" in layer.params)
-        elif isinstance(layer, Linear):
-            mirror = nn.Linear(layer.in_features, layer.out_features, bias="bias" in layer.params)
-        elif isinstance(layer, MaxPool2d):
-            mirror = nn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding)
-        elif isinstance(layer, ReLU):
-            mirror = nn.ReLU()
-        elif isinstance(layer, Flatten):
-            mirror = nn.Flatten()
-        else:
-            return None
-        with torch.no_grad():
-            for key, value in layer.params.items():
-                getattr(mirror, key).copy_(torch.from_numpy(np.asarray(value)))
-        layers.append(mirror)
-    return nn.Sequential(*layers)
-
-
 class TorchRunner:
     def __init__(self, name: str, mode: str, batch_size: int):
         import torch
+        from torch_mirror import torch_mirror, trainable_parameters   # beside this script
         self.torch = torch
         model = models.build_model(name)
         if not isinstance(model, Sequential) or (mirror := torch_mirror(model)) is None:
@@ -119,7 +90,7 @@ class TorchRunner:
         self.mode = mode
         x, labels = random_batch(batch_size)
         self.x, self.labels = torch.from_numpy(x), torch.from_numpy(labels)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM,
+        self.optimizer = torch.optim.SGD(trainable_parameters(self.model), lr=LR, momentum=MOMENTUM,
                                          weight_decay=WEIGHT_DECAY)
 
     def step(self) -> None:

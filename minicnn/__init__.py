@@ -7,13 +7,15 @@ __version__ = "0.1.0"
 
 from minicnn import backend
 from minicnn.checkpoint import load_model, save_model
-from minicnn.layers import Conv2d, Flatten, Linear, MaxPool2d, Module, ReLU, Sequential
+from minicnn.layers import (BatchNorm2d, Conv2d, Flatten, GlobalAvgPool2d, Linear, MaxPool2d,
+                            Module, ReLU, Residual, Scale, Sequential)
 from minicnn.losses import SoftmaxCrossEntropy, softmax
 from minicnn.models import MODELS, build_model, register
 from minicnn.optim import SGD, make_schedule
 
 __all__ = [
     "backend", "Module", "Sequential", "Conv2d", "MaxPool2d", "Linear", "ReLU", "Flatten",
+    "BatchNorm2d", "GlobalAvgPool2d", "Residual", "Scale",
     "SoftmaxCrossEntropy", "softmax", "SGD", "make_schedule", "build_model", "register",
     "MODELS", "save_model", "load_model", "__version__",
 ]

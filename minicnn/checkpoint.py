@@ -131,16 +131,16 @@ def load_model(path):
 
 
 def load_parameters(model, arrays: dict, source: str = "state dict") -> None:
-    """Copy {path: array} into ``model.params``, checking names and shapes."""
-    expected = {name: (module, key) for name, module, key in model.named_parameters()}
+    """Copy {path: array} into the model's params and buffers, checking names and shapes."""
+    expected = {name: (holder, key) for name, holder, key in model.named_arrays()}
     missing = sorted(set(expected) - set(arrays))
     unexpected = sorted(set(arrays) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{source}: parameters do not match the model "
                               f"(missing {missing}, unexpected {unexpected})")
-    for name, (module, key) in expected.items():
-        old, new = module.params[key], arrays[name]
+    for name, (holder, key) in expected.items():
+        old, new = holder[key], arrays[name]
         if tuple(new.shape) != tuple(old.shape):
             raise CheckpointError(f"{source}: {name} has shape {tuple(new.shape)}, "
                                   f"the model needs {tuple(old.shape)}")
-        module.params[key] = backend.to_device(new, dtype=old.dtype)
+        holder[key] = backend.to_device(new, dtype=old.dtype)

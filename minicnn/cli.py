@@ -50,6 +50,13 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -95,6 +102,16 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--nesterov", action="store_true", default=None, help="Nesterov momentum")
     p.add_argument("--weight-decay", type=non_negative_float, help=f"default {d.weight_decay}")
     p.add_argument("--schedule", choices=SCHEDULES, help=f"LR schedule (default {d.schedule})")
+    p.add_argument("--warmup", type=fraction,
+                   help=f"fraction of training spent warming up (default {d.warmup})")
+    p.add_argument("--label-smoothing", type=fraction, help=f"default {d.label_smoothing}")
+    p.add_argument("--no-decay-norm-bias", dest="decay_norm_and_bias", action="store_false",
+                   default=None, help="weight decay skips biases and BatchNorm parameters")
+    p.add_argument("--tta", action="store_true", default=None,
+                   help="test the final model also with flipped images (logits averaged) and "
+                        "record that evaluate and classify should do so")
+    p.add_argument("--width", type=positive_int,
+                   help="width option of the model (airnet: channels of its first block)")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="no random horizontal flips")
     p.add_argument("--crop-padding", type=non_negative_int,
@@ -146,7 +163,7 @@ def run_train(args) -> int:
     config = _train_config(args)
     backend.use(args.backend, seed=config.seed)
     train, test = data.load_cifar10(args.data_dir)
-    model = build_model(config.model)
+    model = build_model(config.model, **config.model_config())
     print(f"training {config.model} ({model.num_parameters():,} parameters) on "
           f"{min(len(train), config.limit or len(train)):,} images, backend {backend.name()}; "
           f"config {json.dumps(asdict(config))}")
@@ -171,6 +188,13 @@ def add_model_options(p, batch_size: int, json_help: str) -> None:
     p.add_argument("--backend", choices=backend.NAMES, default="numpy")
     p.add_argument("--batch-size", type=positive_int, default=batch_size)
     p.add_argument("--json", action="store_true", help=json_help)
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average the logits of each image and its mirror image (default: as "
+                        "recorded in the weights file, on if the model was validated so)")
+
+
+def use_tta(args, metadata: dict) -> bool:
+    return bool(metadata.get("tta", False)) if args.tta is None else args.tta
 
 
 def load_requested_model(args):
@@ -192,13 +216,15 @@ def add_evaluate_parser(subparsers) -> None:
 def run_evaluate(args) -> int:
     weights, model, metadata = load_requested_model(args)
     _, test = data.load_cifar10(args.data_dir)
-    result = evaluate(model, test, metadata["normalization"], args.batch_size)
+    result = evaluate(model, test, metadata["normalization"], args.batch_size,
+                      tta=use_tta(args, metadata))
     result["weights"] = str(weights)
     if args.json:
         print(json.dumps(result))
         return 0
     names = result["class_names"]
-    print(f"{weights}: accuracy {result['accuracy']:.2%} on {result['n']:,} test images")
+    print(f"{weights}: accuracy {result['accuracy']:.2%} on {result['n']:,} test images"
+          + (" (test-time flips)" if result["tta"] else ""))
     for name, accuracy in result["per_class"].items():
         shown = "no test images" if accuracy is None else f"{accuracy:.2%}"
         print(f"  {name:<11} {shown}")
@@ -229,7 +255,7 @@ def run_classify(args) -> int:
     for error in errors:
         print(f"minicnn classify: {error}", file=sys.stderr)
     logits = predict_logits(model, backend.to_device(images), metadata["normalization"],
-                            args.batch_size)
+                            args.batch_size, tta=use_tta(args, metadata))
     probabilities = backend.to_host(softmax(logits))
     results = []
     for path, probs in zip(paths, probabilities, strict=True):

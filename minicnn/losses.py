@@ -11,6 +11,16 @@ from overflowing, so logits of +-1000 still give finite values.
 Backward (softmax and log fused, which is why the gradient is so simple)::
 
     dL/dz[n, k] = (p[n, k] - [k == t[n]]) / N
+
+Label smoothing eps (as PyTorch's ``label_smoothing``) trains against the
+target distribution q = (1 - eps) * onehot(t) + eps / K instead of onehot(t)::
+
+    L = -(1/N) * sum_n sum_k q[n, k] * log p[n, k]
+      = (1 - eps) * (plain loss) + eps * mean over n and k of (-log p[n, k])
+    dL/dz[n, k] = (p[n, k] - q[n, k]) / N
+
+The model is no longer pushed to make one logit infinitely larger than the
+others, which makes it less over-confident and often more accurate.
 """
 
 from __future__ import annotations
@@ -28,7 +38,10 @@ def softmax(logits):
 class SoftmaxCrossEntropy:
     """forward(logits, labels) -> mean loss (a 0-d array); backward() -> dlogits."""
 
-    def __init__(self):
+    def __init__(self, label_smoothing: float = 0.0):
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be between 0 and 1, got {label_smoothing}")
+        self.label_smoothing = label_smoothing
         self.cache = None
 
     def forward(self, logits, labels):
@@ -41,13 +54,20 @@ class SoftmaxCrossEntropy:
         log_probs = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
         rows = xp.arange(n)
         self.cache = (log_probs, labels, rows)
-        return -log_probs[rows, labels].mean()
+        loss = -log_probs[rows, labels].mean()
+        eps = self.label_smoothing
+        if eps:
+            loss = (1 - eps) * loss - eps * log_probs.mean()
+        return loss
 
     def backward(self):
         log_probs, labels, rows = self.cache
-        n = log_probs.shape[0]
-        dlogits = backend.array_module(log_probs).exp(log_probs)
-        dlogits[rows, labels] -= 1
+        n, k = log_probs.shape
+        eps = self.label_smoothing
+        dlogits = backend.array_module(log_probs).exp(log_probs)      # p
+        if eps:
+            dlogits -= eps / k                                         # p - q, off the labels
+        dlogits[rows, labels] -= 1 - eps                               # p - q, on the labels
         dlogits /= n
         return dlogits
 

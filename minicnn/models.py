@@ -8,7 +8,8 @@ rebuild it.
 from __future__ import annotations
 
 from minicnn.errors import MinicnnError
-from minicnn.layers import Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential
+from minicnn.layers import (BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Scale,
+                            Sequential)
 
 MODELS: dict = {}
 
@@ -46,4 +47,41 @@ def lenet(num_classes: int = 10, in_channels: int = 3) -> Sequential:
         Linear(16 * 5 * 5, 128), ReLU(),
         Linear(128, 84), ReLU(),
         Linear(84, num_classes),
+    )
+
+
+def _conv_block(in_channels: int, out_channels: int, bn_momentum: float) -> list:
+    """conv3x3 -> maxpool 2 -> BN -> ReLU -> conv3x3 -> BN -> ReLU (pooling early is cheaper)."""
+    return [
+        Conv2d(in_channels, out_channels, 3, padding=1, bias=False), MaxPool2d(2),
+        BatchNorm2d(out_channels, momentum=bn_momentum, weight=False), ReLU(),
+        Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+        BatchNorm2d(out_channels, momentum=bn_momentum, weight=False), ReLU(),
+    ]
+
+
+@register("airnet")
+def airnet(width: int = 32, num_classes: int = 10, in_channels: int = 3,
+           bn_momentum: float = 0.2) -> Sequential:
+    """A small fast net after the airbench speed records (Keller Jordan, 2024).
+
+    A 2x2 stem conv (3 -> 24 channels, 32x32 -> 31x31), then three blocks of
+    conv3x3 -> maxpool 2 -> BN -> ReLU -> conv3x3 -> BN -> ReLU with widths
+    (width, 4*width, 4*width) at 15x15, 7x7 and 3x3, a global max-pool, and
+    a linear layer whose logits are scaled by 1/9. width=64 is airbench94's
+    size. The BatchNorm layers learn a shift only (their scale stays 1), the
+    convolutions have no bias (BN's shift replaces it).
+    """
+    if width < 1:
+        raise ValueError(f"width must be >= 1, got {width}")
+    widths = (width, 4 * width, 4 * width)
+    stem = 24
+    return Sequential(
+        Conv2d(in_channels, stem, 2, bias=False),
+        BatchNorm2d(stem, momentum=bn_momentum, weight=False), ReLU(),
+        *_conv_block(stem, widths[0], bn_momentum),
+        *_conv_block(widths[0], widths[1], bn_momentum),
+        *_conv_block(widths[1], widths[2], bn_momentum),
+        MaxPool2d(3), Flatten(),
+        Linear(widths[2], num_classes, bias=False), Scale(1 / 9),
     )

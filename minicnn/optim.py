@@ -2,7 +2,8 @@
 
 SGD follows PyTorch's convention, for each parameter p with gradient g::
 
-    g = g + weight_decay * p                  # L2 penalty (weight_decay/2)*|p|^2
+    g = g + weight_decay * p                  # L2 penalty (weight_decay/2)*|p|^2,
+                                              # except for the names in skip_decay
     v = momentum * v + g                      # v starts as the first g
     g = g + momentum * v   if nesterov else v
     p = p - lr * g                            # in place
@@ -16,11 +17,12 @@ from __future__ import annotations
 import math
 
 from minicnn.layers.base import Module
+from minicnn.layers.norm import BatchNorm2d
 
 
 class SGD:
     def __init__(self, model: Module, lr: float, momentum: float = 0.0, nesterov: bool = False,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, skip_decay=()):
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError("lr, momentum and weight_decay must be >= 0")
         if nesterov and momentum == 0:
@@ -28,12 +30,13 @@ class SGD:
         self.model = model
         self.lr, self.momentum, self.nesterov = lr, momentum, nesterov
         self.weight_decay = weight_decay
+        self.skip_decay = frozenset(skip_decay)
         self.velocity: dict = {}      # parameter path -> momentum buffer
 
     def step(self) -> None:
         for name, module, key in self.model.named_parameters():
             param, grad = module.params[key], module.grads[key]
-            if self.weight_decay:
+            if self.weight_decay and name not in self.skip_decay:
                 grad = grad + self.weight_decay * param
             if self.momentum:
                 velocity = self.velocity.get(name)
@@ -52,9 +55,17 @@ class SGD:
         self.velocity = dict(state)
 
 
+def norm_and_bias_names(model: Module) -> list[str]:
+    """Names of the biases and of every BatchNorm parameter: the usual set to exempt
+    from weight decay (shrinking a shift or a normalization scale towards 0 is
+    not a useful prior; shrinking the conv and linear weights is)."""
+    return [name for name, module, key in model.named_parameters()
+            if key == "bias" or isinstance(module, BatchNorm2d)]
+
+
 # --- learning-rate schedules ---------------------------------------------------
 
-SCHEDULES = ("constant", "step", "cosine", "onecycle")
+SCHEDULES = ("constant", "step", "cosine", "onecycle", "linear")
 
 
 def _cosine(start: float, end: float, t: float) -> float:
@@ -73,6 +84,8 @@ def make_schedule(name: str, lr: float, total_steps: int, *, warmup_fraction: fl
     onecycle: as PyTorch's OneCycleLR (cosine annealing, momentum not cycled):
               from lr/div_factor up to lr over the warm-up fraction, then down
               to lr/(div_factor*final_div_factor).
+    linear:   a triangle: straight up from lr/div_factor to lr over the warm-up
+              fraction, then straight down to 0 at the last step.
     """
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
@@ -96,5 +109,12 @@ def make_schedule(name: str, lr: float, total_steps: int, *, warmup_fraction: fl
             return _cosine(start, lr, step / warmup_end)
         return _cosine(lr, end, min((step - warmup_end) / max(total - 1 - warmup_end, 1.0), 1.0))
 
+    def linear(step: int) -> float:
+        warmup_end = warmup_fraction * total
+        if step < warmup_end:
+            start = lr / div_factor
+            return start + (lr - start) * step / warmup_end
+        return lr * max(total - step, 0) / max(total - warmup_end, 1.0)
+
     return {"constant": constant, "step": step_decay, "cosine": cosine,
-            "onecycle": onecycle}[name]
+            "onecycle": onecycle, "linear": linear}[name]

@@ -29,7 +29,8 @@ def trace_step(model: Sequential, x, label: int, class_names=None) -> list[str]:
     """Forward and backward of one batch ``x`` (1, C, H, W) with ``label``; returns the lines."""
     if not isinstance(model, Sequential):
         raise TypeError("trace needs a Sequential model")
-    model.train()                       # caches for backward; lenet has no train-only layers
+    model.train()                       # as in a training step: caches for backward, and
+                                        # BatchNorm uses the statistics of this one image
     lines = ["forward", f"   input                        {tuple(x.shape)!s:<18} {_stats(x)}"]
     out = x
     for index, layer in enumerate(model.layers):

@@ -32,7 +32,7 @@ from minicnn.checkpoint import (CheckpointError, load_parameters, read_npz, save
                                  write_json_atomic, write_npz_atomic)
 from minicnn.errors import MinicnnError
 from minicnn.losses import SoftmaxCrossEntropy
-from minicnn.optim import SGD, make_schedule
+from minicnn.optim import SGD, make_schedule, norm_and_bias_names
 
 PROGRESS_EVERY = 20   # steps between reads of the running loss (one host sync each)
 
@@ -48,10 +48,19 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 5e-4
     schedule: str = "onecycle"
+    warmup: float = 0.3           # fraction of the steps spent warming up (onecycle, linear)
+    label_smoothing: float = 0.0
+    decay_norm_and_bias: bool = True   # False: weight decay skips biases and BatchNorm
     augment: bool = True          # random horizontal flips
     crop_padding: int = 0         # random crops after padding by this much (0: off)
+    tta: bool = False             # also test with flipped images (averaged logits) at the end
+    width: int | None = None      # the model's width option, for models that have one
     seed: int = 0
     limit: int | None = None      # use only the first N training images
+
+    def model_config(self) -> dict:
+        """Keyword arguments for build_model(self.model, ...)."""
+        return {} if self.width is None else {"width": self.width}
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -74,24 +83,34 @@ def history_path(weights_path: Path) -> Path:
 
 # --- evaluation --------------------------------------------------------------------
 
-def predict_logits(model, images_uint8, normalization: dict, batch_size: int = 1000):
-    """Logits (N, K) on the backend for uint8 images (N, 3, H, W) on the backend."""
+def predict_logits(model, images_uint8, normalization: dict, batch_size: int = 1000,
+                   tta: bool = False):
+    """Logits (N, K) on the backend for uint8 images (N, 3, H, W) on the backend.
+
+    tta (test-time augmentation): the mean of the logits of each image and of
+    its mirror image, two forward passes.
+    """
     xp = backend.xp
     model.eval()
     outputs = []
     for start, stop in data.batch_slices(len(images_uint8), batch_size):
         x = data.normalize(images_uint8[start:stop], normalization["mean"], normalization["std"])
-        outputs.append(model.forward(x))
+        logits = model.forward(x)
+        if tta:
+            logits += model.forward(xp.ascontiguousarray(x[..., ::-1]))
+            logits *= 0.5
+        outputs.append(logits)
     return xp.concatenate(outputs) if outputs else xp.zeros((0, 0), dtype=xp.float32)
 
 
-def evaluate(model, dataset: data.Dataset, normalization: dict, batch_size: int = 1000) -> dict:
+def evaluate(model, dataset: data.Dataset, normalization: dict, batch_size: int = 1000,
+             tta: bool = False) -> dict:
     """Accuracy, per-class accuracy and confusion matrix (rows: true, columns: predicted)."""
     xp = backend.xp
     k = len(dataset.class_names)
     images = backend.to_device(dataset.images)
     labels = backend.to_device(dataset.labels)
-    predicted = predict_logits(model, images, normalization, batch_size).argmax(axis=1)
+    predicted = predict_logits(model, images, normalization, batch_size, tta).argmax(axis=1)
     confusion = backend.to_host(xp.bincount(labels * k + predicted, minlength=k * k)).reshape(k, k)
     totals = confusion.sum(axis=1)
     n = int(totals.sum())
@@ -102,6 +121,7 @@ def evaluate(model, dataset: data.Dataset, normalization: dict, batch_size: int 
         "confusion": confusion.tolist(),
         "class_names": list(dataset.class_names),
         "n": n,
+        "tta": tta,
     }
 
 
@@ -205,9 +225,12 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
     train = train.subset(config.limit)
     n = len(train)
     steps_per_epoch = math.ceil(n / config.batch_size)
-    schedule = make_schedule(config.schedule, config.lr, config.epochs * steps_per_epoch)
-    optimizer = SGD(model, config.lr, config.momentum, config.nesterov, config.weight_decay)
-    criterion = SoftmaxCrossEntropy()
+    schedule = make_schedule(config.schedule, config.lr, config.epochs * steps_per_epoch,
+                             warmup_fraction=config.warmup)
+    skip_decay = () if config.decay_norm_and_bias else norm_and_bias_names(model)
+    optimizer = SGD(model, config.lr, config.momentum, config.nesterov, config.weight_decay,
+                    skip_decay)
+    criterion = SoftmaxCrossEntropy(config.label_smoothing)
     normalization = {"mean": list(data.CIFAR10_MEAN), "std": list(data.CIFAR10_STD)}
 
     start_epoch, start_step, history, elapsed = 0, 0, [], 0.0
@@ -267,10 +290,20 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
                 "images_per_second": round(seen / train_seconds, 1),
             })
             h = history[-1]
+            metrics = {"test_per_class": result["per_class"], "tta": False}
+            if config.tta and epoch + 1 == config.epochs:
+                flipped = evaluate(model, test, normalization, tta=True)
+                model.train()
+                h["test_accuracy_tta"] = flipped["accuracy"]
+                metrics = {"test_per_class": flipped["per_class"], "tta": True,
+                           "test_accuracy": flipped["accuracy"],
+                           "test_accuracy_plain": result["accuracy"]}
             log(f"epoch {epoch + 1:>3}/{config.epochs}  loss {h['train_loss']:.4f}  "
-                f"train acc {h['train_accuracy']:.2%}  test acc {h['test_accuracy']:.2%}  "
-                f"{train_seconds:.1f}s ({h['images_per_second']:.0f} img/s)")
-            metadata = save(epoch + 1, 0, {"test_per_class": result["per_class"]})
+                f"train acc {h['train_accuracy']:.2%}  test acc {h['test_accuracy']:.2%}"
+                + (f" (with flips {h['test_accuracy_tta']:.2%})" if "test_accuracy_tta" in h
+                   else "")
+                + f"  {train_seconds:.1f}s ({h['images_per_second']:.0f} img/s)")
+            metadata = save(epoch + 1, 0, metrics)
             if stop.requested and epoch + 1 < config.epochs:
                 raise TrainingInterrupted(
                     f"interrupted after epoch {epoch + 1}; saved {out}; "

@@ -21,7 +21,7 @@ from PIL import Image
 
 from minicnn import backend
 from minicnn.errors import MinicnnError
-from minicnn.layers import Conv2d, Sequential
+from minicnn.layers import BatchNorm2d, Conv2d, Sequential
 
 
 def _to_uint8(tile) -> numpy.ndarray:
@@ -80,8 +80,11 @@ def feature_map_grids(model: Sequential, x, scale: int = 4) -> dict[int, Image.I
 
 def saliency(model: Sequential, x, class_index: int):
     """d logit[class_index] / dx for one image x (1, C, H, W), by backward; same shape as x."""
-    model.train()          # keep the caches backward needs (the seed network has no
-    logits = model.forward(x)   # train-only layers, so the logits are the eval ones)
+    model.train()          # keep the caches backward needs; BatchNorm layers stay in
+    for _, module in model.modules():      # eval mode (running statistics, not the
+        if isinstance(module, BatchNorm2d):   # one image's), so the logits are the eval ones
+            module.training = False
+    logits = model.forward(x)
     upstream = backend.xp.zeros_like(logits)
     upstream[0, class_index] = 1.0
     model.needs_input_grad = True

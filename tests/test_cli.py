@@ -218,3 +218,20 @@ def test_high_bit_depth_images_are_scaled_to_8_bits(tmp_path, mode, values, expe
     assert image.mode == mode
     rgb = np.asarray(_to_rgb(image))
     assert rgb.shape == (1, 2, 3) and rgb[0, :, 0].tolist() == expected
+
+
+def test_evaluate_and_classify_follow_the_recorded_tta(tiny_cifar, images, tmp_path, capsys):
+    weights = save_model(build_model("lenet"), tmp_path / "t.npz", class_names=list(CLASS_NAMES),
+                         normalization={"mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)},
+                         test_accuracy=0.1, tta=True)
+    common = ["evaluate", "--weights", str(weights), "--data-dir", str(tiny_cifar)]
+    code, stdout, _ = run_cli([*common, "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["tta"] is True
+    code, stdout, _ = run_cli([*common, "--json", "--no-tta"], capsys)
+    assert code == 0 and json.loads(stdout)["tta"] is False
+    code, stdout, _ = run_cli(common, capsys)
+    assert "(test-time flips)" in stdout
+    classify = ["classify", str(images["rgb"]), "--weights", str(weights), "--json"]
+    with_flips = json.loads(run_cli(classify, capsys)[1])[0]["predictions"]
+    without = json.loads(run_cli([*classify, "--no-tta"], capsys)[1])[0]["predictions"]
+    assert with_flips != without

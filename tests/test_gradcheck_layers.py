@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from minicnn import (Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential, SoftmaxCrossEntropy,
-                     backend, build_model)
+from minicnn import (BatchNorm2d, Conv2d, Flatten, GlobalAvgPool2d, Linear, MaxPool2d, ReLU,
+                     Residual, Scale, Sequential, SoftmaxCrossEntropy, backend, build_model)
 from minicnn.gradcheck import check_loss, check_module
 
 TOLERANCE = 1e-7
@@ -36,8 +36,12 @@ def away_from_zero(shape, seed=3):
 def assert_gradients_ok(module, x):
     module.astype(backend.xp.float64)
     errors = check_module(module, x)
-    assert set(errors) == {"input", *module.state_dict()}
+    assert set(errors) == {"input", *parameter_names(module)}
     assert max(errors.values()) < TOLERANCE, errors
+
+
+def parameter_names(module) -> set:
+    return {name for name, _, _ in module.named_parameters()}
 
 
 @pytest.mark.parametrize("in_c,out_c,k,stride,padding,hw", [
@@ -82,6 +86,67 @@ def test_flatten(xp):
     assert_gradients_ok(Flatten(), randn((2, 3, 4, 5)))
 
 
+def random_affine(bn, seed=6):
+    """BatchNorm's gamma and beta drawn at random (they start at 1 and 0)."""
+    for offset, key in enumerate(bn.params):
+        bn.params[key] = randn(bn.params[key].shape, seed + offset)
+    return bn
+
+
+@pytest.mark.parametrize("weight", [True, False])
+@pytest.mark.parametrize("shape", [(3, 4, 5, 5), (2, 3, 1, 4), (4, 2, 3, 1)])
+def test_batchnorm2d(xp, weight, shape):
+    bn = BatchNorm2d(shape[1], weight=weight).astype(xp.float64)
+    assert_gradients_ok(random_affine(bn), randn(shape))
+
+
+def test_batchnorm2d_eval_mode(xp):
+    """In eval mode y is an affine function of x (running statistics): check that too."""
+    bn = BatchNorm2d(3).astype(xp.float64)
+    random_affine(bn)
+    bn.buffers["running_mean"] = randn(3, 7)
+    bn.buffers["running_var"] = randn(3, 8) ** 2 + 0.5
+    bn.eval()
+    y = bn.forward(randn((2, 3, 4, 4)))
+    expected = ((randn((2, 3, 4, 4)) - bn.buffers["running_mean"][:, None, None])
+                / xp.sqrt(bn.buffers["running_var"][:, None, None] + bn.eps)
+                * bn.params["weight"][:, None, None] + bn.params["bias"][:, None, None])
+    assert float(xp.abs(y - expected).max()) < 1e-12
+    dy = randn(y.shape, 9)     # eval backward: the affine map's slope, no parameter grads
+    expected_dx = dy * (bn.params["weight"] / xp.sqrt(bn.buffers["running_var"] + bn.eps))[
+        :, None, None]
+    assert float(xp.abs(bn.backward(dy) - expected_dx).max()) < 1e-12
+
+
+def test_global_avg_pool(xp):
+    assert_gradients_ok(GlobalAvgPool2d(), randn((2, 3, 4, 5)))
+
+
+def test_scale(xp):
+    assert_gradients_ok(Scale(-0.3), randn((2, 5)))
+
+
+def test_residual_block(xp):
+    """x + BN(conv(ReLU(BN(conv(x))))): the skip path and the body's parameters. (A conv
+    bias before BN has a zero gradient, which the relative error cannot check.)"""
+    block = Residual(Conv2d(2, 2, 3, padding=1, bias=False), BatchNorm2d(2), ReLU(),
+                     Conv2d(2, 2, 3, padding=1, bias=False), BatchNorm2d(2))
+    assert_gradients_ok(block, randn((2, 2, 5, 5)))
+
+
+def test_residual_rejects_a_shape_change():
+    with pytest.raises(ValueError, match="cannot be added"):
+        Residual(Conv2d(2, 3, 1)).forward(randn((1, 2, 4, 4)))
+
+
+def test_airnet_end_to_end(xp):
+    model = build_model("airnet", width=2)
+    model.astype(xp.float64)
+    errors = check_module(model, randn((2, 3, 32, 32)), max_entries=30)
+    assert set(errors) == {"input", *parameter_names(model)}
+    assert max(errors.values()) < 1e-6, errors
+
+
 def test_small_network_end_to_end(xp):
     # ReLU kinks are hit with probability ~0 for random data at these scales.
     net = Sequential(Conv2d(2, 3, 3, padding=1), ReLU(), MaxPool2d(2), Conv2d(3, 4, 3, stride=2),
@@ -93,15 +158,16 @@ def test_lenet_end_to_end(xp):
     model = build_model("lenet")
     model.astype(xp.float64)
     errors = check_module(model, randn((1, 3, 32, 32)), max_entries=40)
-    assert set(errors) == {"input", *model.state_dict()}
+    assert set(errors) == {"input", *parameter_names(model)}
     assert max(errors.values()) < 1e-6, errors
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.2, 1.0])
 @pytest.mark.parametrize("n,k", [(5, 10), (1, 3), (8, 2)])
-def test_softmax_cross_entropy(xp, n, k):
+def test_softmax_cross_entropy(xp, n, k, smoothing):
     logits = randn((n, k)) * 3
     labels = backend.make_rng(4).integers(0, k, n)
-    assert check_loss(SoftmaxCrossEntropy(), logits, labels) < TOLERANCE
+    assert check_loss(SoftmaxCrossEntropy(smoothing), logits, labels) < TOLERANCE
 
 
 def test_gradcheck_catches_a_wrong_backward(xp):

@@ -103,3 +103,29 @@ def test_shape_errors_are_clear():
         Linear(4, 2).forward(np.zeros((1, 5), np.float32))
     with pytest.raises(ValueError, match="padding"):
         MaxPool2d(2, padding=2)
+
+
+def test_airnet_shapes_width_and_buffers(xp):
+    model = build_model("airnet", width=8)
+    assert model.config == {"width": 8}
+    logits = model.forward(backend.make_rng(0).standard_normal((2, 3, 32, 32)).astype(xp.float32))
+    assert logits.shape == (2, 10) and logits.dtype == xp.float32
+    convs = [layer for layer in model.layers if isinstance(layer, Conv2d)]
+    assert [c.out_channels for c in convs] == [24, 8, 8, 32, 32, 32, 32]
+    state = model.state_dict()
+    assert "1.running_mean" in state and "1.running_var" in state
+    assert model.num_parameters() < sum(v.size for v in state.values())   # buffers aren't trained
+    assert build_model("airnet", width=16).num_parameters() > model.num_parameters()
+    with pytest.raises(ValueError, match="width"):
+        build_model("airnet", width=0)
+
+
+def test_buffers_are_saved_and_loaded(tmp_path):
+    from minicnn import load_model, save_model
+    model = build_model("airnet", width=4)
+    model.forward(backend.make_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32) + 2)
+    assert float(model.layers[1].buffers["running_mean"].std()) > 0   # moved off its start
+    save_model(model, tmp_path / "a.npz")
+    loaded, _ = load_model(tmp_path / "a.npz")
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(loaded.state_dict()[name], value)

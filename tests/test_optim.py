@@ -71,4 +71,30 @@ def test_schedule_shapes():
 
 def test_unknown_schedule():
     with pytest.raises(ValueError, match="unknown schedule"):
-        make_schedule("linear", 0.1, 10)
+        make_schedule("triangle", 0.1, 10)
+
+
+def test_linear_schedule_is_a_triangle():
+    schedule = make_schedule("linear", 0.4, total_steps=100, warmup_fraction=0.2, div_factor=8)
+    assert schedule(0) == pytest.approx(0.05)
+    assert schedule(10) == pytest.approx(0.05 + 0.35 * 0.5)
+    assert schedule(20) == pytest.approx(0.4)
+    assert schedule(60) == pytest.approx(0.2)
+    assert schedule(100) == 0.0
+
+
+def test_weight_decay_skips_biases_and_batchnorm():
+    """With zero gradients only decay moves a parameter: the skipped ones stay put."""
+    from minicnn import BatchNorm2d, Sequential
+    from minicnn.optim import norm_and_bias_names
+    model = Sequential(Linear(2, 3), BatchNorm2d(3))
+    skip = norm_and_bias_names(model)
+    assert skip == ["0.bias", "1.weight", "1.bias"]
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    for _, module, key in model.named_parameters():
+        module.grads[key] = np.zeros_like(module.params[key])
+    SGD(model, lr=0.1, weight_decay=0.5, skip_decay=skip).step()
+    after = model.state_dict()
+    np.testing.assert_allclose(after["0.weight"], before["0.weight"] * 0.95)
+    for name in [*skip, "1.running_mean", "1.running_var"]:
+        np.testing.assert_array_equal(after[name], before[name])

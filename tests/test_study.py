@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from minicnn import backend, cli, data
@@ -28,14 +29,18 @@ def load_example_script(name: str):
     return module
 
 
-def test_saliency_matches_finite_differences_on_a_few_pixels():
+@pytest.mark.parametrize("name,config", [("lenet", {}), ("airnet", {"width": 2})])
+def test_saliency_matches_finite_differences_on_a_few_pixels(name, config):
+    """For airnet: BatchNorm with its running statistics (moved off 0 and 1 first),
+    as in eval mode, not the statistics of the one image."""
     backend.use("numpy", seed=3)
-    model = build_model("lenet").astype(np.float64)
+    model = build_model(name, **config).astype(np.float64)
+    model.forward(backend.make_rng(5).standard_normal((8, 3, 32, 32)) * 2 + 1)
     x = backend.make_rng(4).standard_normal((1, 3, 32, 32))
     gradient = saliency(model, x, class_index=7)
 
     def logit():
-        return model.forward(x)[0, 7]
+        return model.eval().forward(x)[0, 7]
 
     entries = [5, 1000, 2047, 3071]
     numeric = numerical_gradient(logit, x, entries=entries).reshape(-1)[entries]

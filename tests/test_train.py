@@ -101,3 +101,33 @@ def test_evaluate_reports_per_class_and_confusion():
     for i, name in enumerate(CLASS_NAMES):
         expected = confusion[i, i] / counts[i] if counts[i] else None
         assert result["per_class"][name] == expected
+
+
+def test_tta_averages_the_logits_of_image_and_mirror():
+    from minicnn.train import predict_logits
+    model = build_model("lenet")
+    images = colour_dataset(6, 3).images
+    both = predict_logits(model, images, NORMALIZATION, tta=True)
+    plain = predict_logits(model, images, NORMALIZATION)
+    mirrored = predict_logits(model, np.ascontiguousarray(images[..., ::-1]), NORMALIZATION)
+    np.testing.assert_allclose(both, (plain + mirrored) / 2, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(both, plain)
+
+
+def test_fit_records_tta_and_the_recipe_options(tmp_path):
+    config = TrainConfig(model="airnet", width=4, epochs=2, batch_size=32, lr=0.1, seed=5,
+                         nesterov=True, schedule="linear", warmup=0.2, label_smoothing=0.2,
+                         decay_norm_and_bias=False, crop_padding=2, tta=True)
+    backend.use("numpy", seed=config.seed)
+    model = build_model("airnet", **config.model_config())
+    metadata = fit(model, colour_dataset(128, 0), colour_dataset(60, 1), config,
+                   tmp_path / "a.npz", progress=False, log=lambda line: None)
+    assert metadata["tta"] is True
+    saved = json.loads(history_path(tmp_path / "a.npz").read_text())["history"]
+    assert "test_accuracy_tta" in saved[-1] and "test_accuracy_tta" not in saved[0]
+    assert metadata["test_accuracy"] == saved[-1]["test_accuracy_tta"]
+    assert metadata["test_accuracy_plain"] == saved[-1]["test_accuracy"]
+    loaded, card = load_model(tmp_path / "a.npz")
+    assert card["config"] == {"width": 4} and card["tta"] is True
+    assert evaluate(loaded, colour_dataset(60, 1), card["normalization"],
+                    tta=True)["accuracy"] == metadata["test_accuracy"]

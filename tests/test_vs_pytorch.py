@@ -3,14 +3,20 @@ Skipped where torch is not installed; it is never a dependency of minicnn."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from minicnn import (SGD, Conv2d, Linear, MaxPool2d, SoftmaxCrossEntropy, backend, build_model,
-                     make_schedule)
+from minicnn import (SGD, BatchNorm2d, Conv2d, GlobalAvgPool2d, Linear, MaxPool2d,
+                     SoftmaxCrossEntropy, backend, build_model, make_schedule)
+from minicnn.optim import norm_and_bias_names
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed (pip install torch)")
 F = torch.nn.functional
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from torch_mirror import torch_mirror  # after the path above, and only where torch is
 
 
 def to_torch(a):
@@ -77,20 +83,59 @@ def test_linear(xp, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_softmax_cross_entropy(xp, dtype):
+@pytest.mark.parametrize("weight", [True, False])
+def test_batchnorm2d(xp, dtype, weight):
+    """Training mode: output, input and parameter gradients, running statistics after
+    two batches; then eval mode with those statistics."""
+    bn = BatchNorm2d(3, momentum=0.3, weight=weight).astype(dtype)
+    for offset, key in enumerate(bn.params):
+        bn.params[key] = backend.make_rng(8 + offset).standard_normal(3).astype(dtype)
+    mirror = torch_mirror(bn, torch.float64 if dtype == np.float64 else torch.float32)
+    x = backend.make_rng(1).standard_normal((4, 3, 5, 6)) * 2 + 1
+
+    def torch_bn(x, weight=None, bias=None):
+        return F.batch_norm(x, mirror.running_mean, mirror.running_var, weight, bias,
+                            training=True, momentum=0.3, eps=bn.eps)
+
+    compare_layer(bn, torch_bn, x, dtype)
+    mirror(to_torch(x.astype(dtype) * 3))
+    bn.forward(x.astype(dtype) * 3)
+    for key in ("running_mean", "running_var"):
+        np.testing.assert_allclose(host(bn.buffers[key]), getattr(mirror, key).numpy(),
+                                   **tolerance(dtype))
+    bn.eval()
+    mirror.eval()
+    np.testing.assert_allclose(host(bn.forward(x.astype(dtype))),
+                               mirror(to_torch(x.astype(dtype))).detach().numpy(),
+                               **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_global_avg_pool(xp, dtype):
+    def torch_pool(x):
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    compare_layer(GlobalAvgPool2d(), torch_pool, backend.make_rng(3).standard_normal((2, 3, 4, 5)),
+                  dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_softmax_cross_entropy(xp, dtype, smoothing):
     logits = (backend.make_rng(4).standard_normal((6, 10)) * 4).astype(dtype)
     labels = backend.make_rng(5).integers(0, 10, 6)
-    loss_fn = SoftmaxCrossEntropy()
+    loss_fn = SoftmaxCrossEntropy(smoothing)
     loss = loss_fn.forward(logits, labels)
     dlogits = loss_fn.backward()
     tl = to_torch(logits).requires_grad_()
-    tloss = F.cross_entropy(tl, to_torch(labels))
+    tloss = F.cross_entropy(tl, to_torch(labels), label_smoothing=smoothing)
     tloss.backward()
     np.testing.assert_allclose(float(loss), tloss.item(), **tolerance(dtype))
     np.testing.assert_allclose(host(dlogits), tl.grad.numpy(), **tolerance(dtype))
 
 
 def torch_lenet(model):
+    """The seed network written out in PyTorch, with minicnn's weights loaded by name."""
     nn = torch.nn
     net = nn.Sequential(nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5),
                         nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 128), nn.ReLU(),
@@ -107,6 +152,57 @@ def test_lenet_state_dict_matches_pytorch_one_to_one(xp):
         assert tuple(value.shape) == tuple(reference[name].shape)
 
 
+def train_both(model, net, optimizer, torch_optimizer, schedule, batch_size: int,
+               label_smoothing: float = 0.0, rtol: float = 1e-5, steps: int = 3) -> None:
+    """The same training steps on the same random batches in minicnn and PyTorch;
+    the losses must agree at every step."""
+    criterion = SoftmaxCrossEntropy(label_smoothing)
+    rng = backend.make_rng(7)
+    for step in range(steps):
+        x = rng.standard_normal((batch_size, 3, 32, 32)).astype(np.float32)
+        t = rng.integers(0, 10, batch_size)
+        loss = criterion.forward(model.forward(x), t)
+        model.backward(criterion.backward())
+        optimizer.lr = schedule(step)
+        optimizer.step()
+        torch_optimizer.zero_grad()
+        tloss = F.cross_entropy(net(to_torch(x)), to_torch(t), label_smoothing=label_smoothing)
+        tloss.backward()
+        for group in torch_optimizer.param_groups:
+            group["lr"] = schedule(step)
+        torch_optimizer.step()
+        np.testing.assert_allclose(float(loss), tloss.item(), rtol=rtol)
+
+
+def test_airnet_training_steps_match_pytorch(xp):
+    """Three steps of the airnet recipe (BatchNorm, Nesterov, weight decay that skips
+    biases and BatchNorm, label smoothing, the linear schedule) match PyTorch: loss,
+    weights and running statistics; then the eval-mode logits with flips."""
+    model = build_model("airnet", width=4)
+    net = torch_mirror(model)
+    skip = set(norm_and_bias_names(model))
+    named = dict(net.named_parameters())
+    assert skip and set(named) >= skip
+    optimizer = SGD(model, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-3,
+                    skip_decay=skip)
+    torch_optimizer = torch.optim.SGD(
+        [{"params": [p for n, p in named.items() if n not in skip and p.requires_grad]},
+         {"params": [p for n, p in named.items() if n in skip and p.requires_grad],
+          "weight_decay": 0.0}],
+        lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-3)
+    schedule = make_schedule("linear", 0.1, total_steps=3, warmup_fraction=0.4)
+    train_both(model, net, optimizer, torch_optimizer, schedule, batch_size=8,
+               label_smoothing=0.2, rtol=1e-4)
+    reference = net.state_dict()
+    for name, value in model.state_dict().items():
+        np.testing.assert_allclose(host(value), reference[name].numpy(), rtol=1e-3, atol=1e-5)
+    model.eval()
+    net.eval()
+    x = backend.make_rng(9).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(host(model.forward(x)), net(to_torch(x)).detach().numpy(),
+                               rtol=1e-3, atol=1e-5)
+
+
 def test_lenet_training_steps_match_pytorch(xp):
     """Three SGD steps (momentum, Nesterov, weight decay, scheduled lr) on the whole
     seed network give the same loss and weights as PyTorch."""
@@ -116,22 +212,7 @@ def test_lenet_training_steps_match_pytorch(xp):
     torch_optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True,
                                       weight_decay=5e-4)
     schedule = make_schedule("onecycle", 0.05, total_steps=3)
-    criterion = SoftmaxCrossEntropy()
-    rng = backend.make_rng(7)
-    for step in range(3):
-        x = rng.standard_normal((16, 3, 32, 32)).astype(np.float32)
-        t = rng.integers(0, 10, 16)
-        loss = criterion.forward(model.forward(x), t)
-        model.backward(criterion.backward())
-        optimizer.lr = schedule(step)
-        optimizer.step()
-        torch_optimizer.zero_grad()
-        tloss = F.cross_entropy(net(to_torch(x)), to_torch(t))
-        tloss.backward()
-        for group in torch_optimizer.param_groups:
-            group["lr"] = schedule(step)
-        torch_optimizer.step()
-        np.testing.assert_allclose(float(loss), tloss.item(), rtol=1e-5)
+    train_both(model, net, optimizer, torch_optimizer, schedule, batch_size=16)
     for name, value in net.state_dict().items():
         np.testing.assert_allclose(host(model.state_dict()[name]), value.numpy(),
                                    rtol=1e-4, atol=1e-6)

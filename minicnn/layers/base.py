@@ -2,8 +2,10 @@
 
 Every layer is a Module::
 
-    params: dict[str, array]   # e.g. {"weight": ..., "bias": ...}
-    grads:  dict[str, array]   # same keys and shapes, written by backward
+    params:  dict[str, array]  # e.g. {"weight": ..., "bias": ...}
+    grads:   dict[str, array]  # same keys and shapes, written by backward
+    buffers: dict[str, array]  # state that is saved but not trained (BatchNorm's
+                               # running statistics); most layers have none
     forward(x)  -> y           # caches what backward needs
     backward(dy) -> dx         # dy = dL/dy, returns dL/dx, fills grads
 
@@ -27,6 +29,7 @@ class Module:
     def __init__(self):
         self.params: dict = {}
         self.grads: dict = {}
+        self.buffers: dict = {}
         self.training = True
         self.needs_input_grad = True
 
@@ -56,9 +59,23 @@ class Module:
             for key in module.params:
                 yield (f"{path}.{key}" if path else key), module, key
 
+    def named_buffers(self):
+        """Yield (path, module, key) for every buffer, e.g. ("1.running_mean", bn, ...)."""
+        for path, module in self.modules():
+            for key in module.buffers:
+                yield (f"{path}.{key}" if path else key), module, key
+
+    def named_arrays(self):
+        """Yield (path, holder dict, key) for every parameter and buffer: what a
+        weights file holds."""
+        for name, module, key in self.named_parameters():
+            yield name, module.params, key
+        for name, module, key in self.named_buffers():
+            yield name, module.buffers, key
+
     def state_dict(self) -> dict:
-        """{path: array} of every parameter, keyed like PyTorch's state_dict."""
-        return {name: module.params[key] for name, module, key in self.named_parameters()}
+        """{path: array} of every parameter and buffer, keyed like PyTorch's state_dict."""
+        return {name: holder[key] for name, holder, key in self.named_arrays()}
 
     def num_parameters(self) -> int:
         return sum(int(module.params[key].size) for _, module, key in self.named_parameters())
@@ -74,15 +91,15 @@ class Module:
         return self.train(False)
 
     def astype(self, dtype):
-        """Cast every parameter to ``dtype`` (e.g. float64 for gradient checks)."""
-        for _, module, key in self.named_parameters():
-            module.params[key] = module.params[key].astype(dtype)
+        """Cast every parameter and buffer to ``dtype`` (e.g. float64 for gradient checks)."""
+        for _, holder, key in list(self.named_arrays()):
+            holder[key] = holder[key].astype(dtype)
         return self
 
     def to_backend(self):
-        """Move every parameter to the current backend (NumPy or CuPy)."""
-        for _, module, key in self.named_parameters():
-            module.params[key] = backend.to_device(backend.to_host(module.params[key]))
+        """Move every parameter and buffer to the current backend (NumPy or CuPy)."""
+        for _, holder, key in list(self.named_arrays()):
+            holder[key] = backend.to_device(backend.to_host(holder[key]))
         return self
 
     def __repr__(self) -> str:

@@ -49,3 +49,24 @@ class Linear(Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={'bias' in self.params}")
+
+
+class Scale(Module):
+    """Multiply by a fixed number: y = factor * x, so dx = factor * dy.
+
+    Used after the last Linear layer to shrink the logits at the start of
+    training (and with them the effective learning rate of that layer).
+    """
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = float(factor)
+
+    def forward(self, x):
+        return x * x.dtype.type(self.factor)
+
+    def backward(self, dy):
+        return dy * dy.dtype.type(self.factor)
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}"

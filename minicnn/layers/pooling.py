@@ -80,3 +80,27 @@ class MaxPool2d(Module):
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+class GlobalAvgPool2d(Module):
+    """Average over all of H and W: (N, C, H, W) -> (N, C).
+
+    Forward: y[n, c] = mean over (h, w) of x[n, c, h, w].
+    Backward: every pixel contributed 1/(H*W) of the mean, so
+    dx[n, c, h, w] = dy[n, c] / (H*W).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.cache = None
+
+    def forward(self, x):
+        if x.ndim != 4:
+            raise ValueError(f"GlobalAvgPool2d expected (N, C, H, W), got {tuple(x.shape)}")
+        self.cache = x.shape
+        return x.mean(axis=(2, 3))
+
+    def backward(self, dy):
+        n, c, h, w = self.cache
+        xp = backend.array_module(dy)
+        return xp.broadcast_to((dy / (h * w))[:, :, None, None], (n, c, h, w)).copy()
