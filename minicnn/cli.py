@@ -19,7 +19,7 @@ from minicnn.checkpoint import FORMAT, CheckpointError, load_model, read_metadat
 from minicnn.errors import MinicnnError
 from minicnn.images import load_image, load_images
 from minicnn.losses import softmax
-from minicnn.models import MODELS, build_model
+from minicnn.models import MODELS, build_model, check_config
 from minicnn.optim import SCHEDULES
 from minicnn.trace import trace_step
 from minicnn.train import (TrainConfig, TrainingInterrupted, evaluate, fit, predict_logits,
@@ -157,10 +157,11 @@ def run_train(args) -> int:
     if out.exists() and not (args.resume or args.force):
         raise MinicnnError(f"{out} exists; use --resume to continue that run, --force to "
                            "overwrite it, or --out for a new file")
+    config = _train_config(args)
+    check_config(config.model, config.model_config())      # before anything is created
     out.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(out.parent, os.W_OK):
         raise MinicnnError(f"cannot write to {out.parent}; choose another --out")
-    config = _train_config(args)
     backend.use(args.backend, seed=config.seed)
     train, test = data.load_cifar10(args.data_dir)
     model = build_model(config.model, **config.model_config())

@@ -7,6 +7,8 @@ rebuild it.
 
 from __future__ import annotations
 
+import inspect
+
 from minicnn.errors import MinicnnError
 from minicnn.layers import (BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Scale,
                             Sequential)
@@ -21,13 +23,23 @@ def register(name: str):
     return decorator
 
 
-def build_model(name: str, **config):
-    """Build a registered model with fresh parameters from the backend's generator."""
+def check_config(name: str, config: dict) -> None:
+    """Raise MinicnnError unless ``name`` is registered and takes the keywords ``config``
+    (checked against the builder's signature, without building anything)."""
     if name not in MODELS:
         raise MinicnnError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
     try:
-        model = MODELS[name](**config)
+        inspect.signature(MODELS[name]).bind(**config)
     except TypeError as exc:
+        raise MinicnnError(f"bad config for model {name!r}: {exc}") from None
+
+
+def build_model(name: str, **config):
+    """Build a registered model with fresh parameters from the backend's generator."""
+    check_config(name, config)
+    try:
+        model = MODELS[name](**config)
+    except ValueError as exc:                 # a value the builder refuses, e.g. width=0
         raise MinicnnError(f"bad config for model {name!r}: {exc}") from None
     model.name, model.config = name, dict(config)
     return model

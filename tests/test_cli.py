@@ -235,3 +235,12 @@ def test_evaluate_and_classify_follow_the_recorded_tta(tiny_cifar, images, tmp_p
     with_flips = json.loads(run_cli(classify, capsys)[1])[0]["predictions"]
     without = json.loads(run_cli([*classify, "--no-tta"], capsys)[1])[0]["predictions"]
     assert with_flips != without
+
+
+def test_a_width_for_a_model_without_one_is_refused_before_anything_is_written(
+        tiny_cifar, tmp_path, capsys):
+    out = tmp_path / "new" / "m.npz"
+    code, _, err = run_cli(["train", "--model", "lenet", "--width", "8", "--out", str(out),
+                            "--data-dir", str(tiny_cifar)], capsys)
+    assert code == 1 and "bad config for model 'lenet'" in err and len(err.splitlines()) == 1
+    assert not out.parent.exists()

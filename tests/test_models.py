@@ -116,7 +116,7 @@ def test_airnet_shapes_width_and_buffers(xp):
     assert "1.running_mean" in state and "1.running_var" in state
     assert model.num_parameters() < sum(v.size for v in state.values())   # buffers aren't trained
     assert build_model("airnet", width=16).num_parameters() > model.num_parameters()
-    with pytest.raises(ValueError, match="width"):
+    with pytest.raises(MinicnnError, match="width must be"):
         build_model("airnet", width=0)
 
 
