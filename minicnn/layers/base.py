@@ -53,17 +53,19 @@ class Module:
         for child_name, child in self.children():
             yield from child.modules(f"{prefix}.{child_name}" if prefix else child_name)
 
+    def _named(self, attribute: str):
+        """Yield (path, module, key) for every key of each module's ``attribute`` dict."""
+        for path, module in self.modules():
+            for key in getattr(module, attribute):
+                yield (f"{path}.{key}" if path else key), module, key
+
     def named_parameters(self):
         """Yield (path, module, key) for every parameter, e.g. ("0.weight", conv, "weight")."""
-        for path, module in self.modules():
-            for key in module.params:
-                yield (f"{path}.{key}" if path else key), module, key
+        return self._named("params")
 
     def named_buffers(self):
         """Yield (path, module, key) for every buffer, e.g. ("1.running_mean", bn, ...)."""
-        for path, module in self.modules():
-            for key in module.buffers:
-                yield (f"{path}.{key}" if path else key), module, key
+        return self._named("buffers")
 
     def named_arrays(self):
         """Yield (path, holder dict, key) for every parameter and buffer: what a

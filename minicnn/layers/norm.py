@@ -71,19 +71,18 @@ class BatchNorm2d(Module):
                         "running_var": xp.ones(num_features, dtype=backend.float32)}
         self.cache = None
 
-    def _gamma(self, like):
-        xp = backend.array_module(like)
-        return self.params.get("weight", xp.ones(self.num_features, dtype=like.dtype))
+    def _times_gamma(self, v):
+        """gamma * v for a (C,) array v; gamma is 1 without a "weight" parameter."""
+        return v * self.params["weight"] if "weight" in self.params else v
 
     def forward(self, x):
         xp = backend.array_module(x)
         if x.ndim != 4 or x.shape[1] != self.num_features:
             raise ValueError(f"BatchNorm2d expected (N, {self.num_features}, H, W), "
                              f"got {tuple(x.shape)}")
-        gamma = self._gamma(x)
         if not self.training:
             inv_std = 1.0 / xp.sqrt(self.buffers["running_var"] + self.eps)
-            scale = (gamma * inv_std).astype(x.dtype)
+            scale = self._times_gamma(inv_std).astype(x.dtype)
             shift = -self.buffers["running_mean"] * scale
             if "bias" in self.params:
                 shift = shift + self.params["bias"]
@@ -106,7 +105,8 @@ class BatchNorm2d(Module):
         running_mean += self.momentum * mu.astype(running_mean.dtype)
         running_var *= 1.0 - self.momentum
         running_var += (self.momentum * m / (m - 1)) * var.astype(running_var.dtype)
-        y = xhat * _per_channel(gamma) if "weight" in self.params else xhat.copy()
+        y = (xhat * _per_channel(self.params["weight"]) if "weight" in self.params
+             else xhat.copy())
         if "bias" in self.params:
             y += _per_channel(self.params["bias"])
         return y
@@ -130,7 +130,7 @@ class BatchNorm2d(Module):
         dx = xhat * _per_channel(-d_gamma / m)
         dx += dy
         dx -= _per_channel(d_beta / m)
-        dx *= _per_channel(self._gamma(dy) * inv_std)
+        dx *= _per_channel(self._times_gamma(inv_std))
         return dx
 
     def extra_repr(self) -> str:
