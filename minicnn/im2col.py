@@ -79,3 +79,66 @@ def col2im(cols, x_shape, kh: int, kw: int, stride: int = 1, padding: int = 0):
         for j in range(kw):
             window_view(dx_pad, i, j, stride, oh, ow)[...] += cols[:, i, j].transpose(1, 0, 2, 3)
     return dx_pad[:, :, padding:padding + h, padding:padding + w]
+
+
+# --- Stride 1: every kernel offset is a shift of the flattened image ---------------
+#
+# With stride 1, output (oh, ow) at kernel offset (i, j) reads x_pad[c, oh + i, ow + j].
+# Number the pixels of a padded Hp x Wp image row by row, q = row * Wp + col, and
+# number the outputs on a grid of OH rows of Wp (not OW) columns the same way,
+# q = oh * Wp + ow: then output q reads pixel q + (i * Wp + j). So the offset-(i, j)
+# row of cols is the flattened image shifted by i*Wp + j, one contiguous slice, and
+# im2col is a single strided copy instead of a copy of OH short rows per offset.
+#
+# The price: the grid has Wp - OW extra columns per row (ow >= OW) whose "window"
+# wraps around into the next row. They are computed and cropped away (lenet's first
+# layer: 28 x 32 outputs for 28 x 28 windows); in backward their dY is 0, so they
+# add nothing to dW or dx. The last row's extra columns would read past the image:
+# their cols are set to 0 instead.
+
+def im2col_flat(x_pad, kh: int, kw: int, out=None):
+    """Stride-1 im2col of an already padded, C-contiguous (N, C, Hp, Wp) array.
+
+    Returns one cols matrix per image, shape (N, C*kh*kw, OH*Wp)::
+
+        cols[n, (c, i, j), q] = x_pad.reshape(N, C, Hp*Wp)[n, c, q + i*Wp + j]
+
+    for q < L = (OH-1)*Wp + OW, and 0 for the last row's extra columns q >= L.
+    The largest index read is L-1 + (kh-1)*Wp + kw-1 = Hp*Wp - 1: every read
+    stays inside its own image.
+    """
+    xp = backend.array_module(x_pad)
+    n, c, hp, wp = x_pad.shape
+    if not x_pad.flags.c_contiguous:
+        raise ValueError("im2col_flat needs a C-contiguous array")
+    oh, ow = hp - kh + 1, wp - kw + 1
+    length = (oh - 1) * wp + ow
+    size = x_pad.itemsize
+    shifted = xp.lib.stride_tricks.as_strided(            # [n, c, i, j, q] -> x_pad[n, c, q + i*Wp + j]
+        x_pad, (n, c, kh, kw, length),
+        tuple(size * step for step in (c * hp * wp, hp * wp, wp, 1, 1)), writeable=False)
+    count = n * c * kh * kw * oh * wp
+    cols = xp.empty(count, x_pad.dtype) if out is None else out.reshape(-1)[:count]
+    cols = cols.reshape(n, c, kh, kw, oh * wp)
+    cols[..., :length] = shifted
+    cols[..., length:] = 0
+    return cols.reshape(n, c * kh * kw, oh * wp)
+
+
+def col2im_flat(dcols, x_pad_shape, kh: int, kw: int):
+    """Adjoint of :func:`im2col_flat`: (N, C*kh*kw, OH*Wp) -> dx_pad of shape (N, C, Hp, Wp).
+
+    dx_pad_flat[n, c, q + i*Wp + j] += dcols[n, (c, i, j), q] for q < L, one
+    shifted slice per offset (i, j).
+    """
+    xp = backend.array_module(dcols)
+    n, c, hp, wp = x_pad_shape
+    oh, ow = hp - kh + 1, wp - kw + 1
+    length = (oh - 1) * wp + ow
+    dcols = dcols.reshape(n, c, kh, kw, oh * wp)
+    dx_pad = xp.zeros((n, c, hp * wp), dtype=dcols.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            shift = i * wp + j
+            dx_pad[:, :, shift:shift + length] += dcols[:, :, i, j, :length]
+    return dx_pad.reshape(n, c, hp, wp)

@@ -3,13 +3,19 @@
 NumPy releases the GIL inside array copies, ufuncs and matrix products, so
 plain Python threads that work on different images of a batch run at the
 same time on different cores. A layer hands :func:`run_chunks` a function
-and a list of batch slices; each worker thread takes every k-th slice.
+and a list of batch slices; each worker thread takes the next slice that
+nobody has taken yet, so a thread that starts late (waking a sleeping thread
+takes a while) simply does fewer of them.
 
-The matrix products of one chunk are small (lenet's first layer: 6 x 75
-times 75 x 13,000). OpenBLAS would split each of them over all cores too,
-which costs more in hand-offs than it gains, and fights our threads for the
-same cores. So while the workers run, BLAS is held to one thread
-(threadpoolctl), and parallelism comes from the chunks instead.
+The matrix products of one chunk are small (lenet's first layer: one 6 x 75
+times 75 x 896 product per image). OpenBLAS would split each of them over
+all cores too, which costs more in hand-offs than it gains. Worse, its
+threads keep spinning for a while after each call, waiting for more work,
+and so take a core away from our own threads: on a 2-core machine that made
+two minicnn threads slower than one. So once minicnn's threads are first used,
+BLAS is held to one thread for the rest of the process (threadpoolctl), and
+parallelism comes from the chunks instead. This also holds NumPy's BLAS to
+one thread for the caller's own NumPy code in the same process.
 
 On CuPy everything runs in the calling thread: the GPU is already parallel.
 The number of workers is :func:`workers`: ``MINICNN_THREADS`` if set, else
@@ -18,6 +24,7 @@ the number of CPUs this process may use; :func:`set_workers` changes it.
 
 from __future__ import annotations
 
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,7 +32,7 @@ from minicnn import backend
 
 _workers: int | None = None
 _pool: ThreadPoolExecutor | None = None
-_blas = None   # threadpoolctl.ThreadpoolController, created on first use
+_blas_limit = None   # threadpoolctl's limit, set on the first parallel run_chunks
 
 
 def _default_workers() -> int:
@@ -57,12 +64,12 @@ def set_workers(count: int) -> None:
         _pool = None
 
 
-def _blas_one_thread():
-    global _blas
-    if _blas is None:
-        from threadpoolctl import ThreadpoolController
-        _blas = ThreadpoolController()
-    return _blas.limit(limits=1, user_api="blas")
+def _hold_blas_to_one_thread() -> None:
+    """Hold BLAS to one thread from now on (see the module docstring)."""
+    global _blas_limit
+    if _blas_limit is None:
+        from threadpoolctl import threadpool_limits
+        _blas_limit = threadpool_limits(limits=1, user_api="blas")
 
 
 def run_chunks(work, parts: list, array) -> list:
@@ -80,14 +87,18 @@ def run_chunks(work, parts: list, array) -> list:
         _pool = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="minicnn")
 
     results = [None] * len(parts)
+    claim = itertools.count()       # next() on it is atomic: each part is taken exactly once
 
     def worker_loop(worker: int) -> None:
-        for index in range(worker, len(parts), count):
+        index = next(claim)
+        while index < len(parts):
             results[index] = work(parts[index], worker)
+            index = next(claim)
 
-    with _blas_one_thread():
-        futures = [_pool.submit(worker_loop, worker) for worker in range(1, count)]
-        worker_loop(0)                                 # the calling thread is worker 0
-        for future in futures:
-            future.result()                            # waits, and re-raises a worker's error
+    _hold_blas_to_one_thread()
+    futures = [_pool.submit(worker_loop, worker) for worker in range(1, count)]
+    worker_loop(0)                                     # the calling thread is worker 0
+    for future in futures:
+        future.result()                                # waits, and re-raises a worker's error
     return results
+

@@ -58,13 +58,15 @@ def test_conv_reuses_its_cols_buffer_across_calls(xp):
     np.testing.assert_array_equal(backend.to_host(first), backend.to_host(second))
 
 
-def test_run_chunks_keeps_order_and_uses_every_worker(threads):
+def test_run_chunks_does_every_part_once_and_keeps_order(threads):
     seen = []
     parts = [slice(i, i + 1) for i in range(10)]
-    results = parallel.run_chunks(lambda part, worker: (seen.append(worker), part.start)[1],
+    results = parallel.run_chunks(lambda part, worker: (seen.append((part.start, worker)),
+                                                        part.start)[1],
                                   parts, np.zeros(1))
     assert results == list(range(10))
-    assert set(seen) == set(range(min(threads, 10)))
+    assert sorted(start for start, _ in seen) == list(range(10))
+    assert {worker for _, worker in seen} <= set(range(threads))
 
 
 def test_set_workers_rejects_zero():
@@ -102,3 +104,27 @@ def test_eval_mode_keeps_no_cache_and_backward_says_so(layer):
     layer.forward(np.ones((1, 1, 4, 4)))
     with pytest.raises(RuntimeError, match="training mode"):
         layer.backward(np.ones((1, 1, 2, 2)))
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 8, 6), (2, 3, 7, 5)], ids=["even", "odd"])
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+def test_maxpool_bracket_matches_the_general_path(xp, shape, ties):
+    rng = backend.make_rng(4)
+    x = rng.integers(0, 3, shape).astype(xp.float64) if ties else rng.standard_normal(shape)
+    fast, general = MaxPool2d(2), MaxPool2d(2)
+    assert fast.bracket
+    general.bracket = False
+    y_fast, y_general = fast.forward(x), general.forward(x)
+    dy = rng.standard_normal(y_general.shape)
+    np.testing.assert_array_equal(backend.to_host(y_fast), backend.to_host(y_general))
+    np.testing.assert_array_equal(backend.to_host(fast.backward(dy)),
+                                  backend.to_host(general.backward(dy)))
+
+
+def test_conv_reads_a_mirrored_view_correctly(xp):
+    """Test-time flips hand Conv2d x[..., ::-1], a view with a negative stride."""
+    x = backend.make_rng(5).standard_normal((3, 2, 8, 8))
+    conv = Conv2d(2, 3, 3, padding=1).astype(xp.float64)
+    mirrored = x[..., ::-1]
+    np.testing.assert_allclose(backend.to_host(conv.forward(mirrored)),
+                               backend.to_host(conv.forward(mirrored.copy())), rtol=1e-12)

@@ -1,4 +1,7 @@
-"""im2col against a per-pixel reference loop; col2im is its exact adjoint."""
+"""im2col against a per-pixel reference loop; col2im is its exact adjoint.
+
+The same for the stride-1 flat versions (im2col_flat, col2im_flat).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import numpy as np
 import pytest
 
 from minicnn import backend
-from minicnn.im2col import col2im, im2col, output_size
+from minicnn.im2col import col2im, col2im_flat, im2col, im2col_flat, output_size
 
 CASES = [(5, 5, 1, 0), (3, 3, 2, 1), (1, 1, 1, 0), (2, 3, 2, 0), (3, 3, 1, 2)]
 
@@ -57,3 +60,38 @@ def test_output_size():
     assert output_size(32, 5, 1, 0) == 28
     assert output_size(7, 3, 2, 1) == 4
     assert output_size(8, 3, 2, 0) == 3
+
+
+FLAT_CASES = [(5, 5), (3, 3), (1, 1), (2, 3), (4, 1)]
+
+
+@pytest.mark.parametrize("kh,kw", FLAT_CASES)
+def test_im2col_flat_matches_definition(xp, kh, kw):
+    """Column oh*Wp + ow of image n is window (oh, ow) for ow < OW; the last row's
+    extra columns are 0 (the others wrap around and are never used)."""
+    x_host = np.arange(2 * 3 * 7 * 6, dtype=np.float64).reshape(2, 3, 7, 6)
+    n, c, hp, wp = x_host.shape
+    oh, ow = hp - kh + 1, wp - kw + 1
+    cols = backend.to_host(im2col_flat(backend.to_device(x_host), kh, kw))
+    assert cols.shape == (n, c * kh * kw, oh * wp)
+    grid = cols.reshape(n, c * kh * kw, oh, wp)
+    expected = reference_im2col(x_host, kh, kw, 1, 0).reshape(c * kh * kw, n, oh, ow)
+    np.testing.assert_array_equal(grid[..., :ow], expected.transpose(1, 0, 2, 3))
+    assert not grid[:, :, -1, ow:].any()
+
+
+@pytest.mark.parametrize("kh,kw", FLAT_CASES)
+def test_col2im_flat_is_the_adjoint_of_im2col_flat(xp, kh, kw):
+    rng = backend.make_rng(0)
+    x = rng.standard_normal((2, 3, 7, 6))
+    cols = im2col_flat(x, kh, kw)
+    c = rng.standard_normal(cols.shape)
+    lhs = float((cols * c).sum())
+    rhs = float((x * col2im_flat(c, x.shape, kh, kw)).sum())
+    assert lhs == pytest.approx(rhs, rel=1e-12)
+
+
+def test_im2col_flat_refuses_a_view_it_cannot_read_by_offsets(xp):
+    x = xp.zeros((1, 1, 5, 5))[..., ::-1]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        im2col_flat(x, 3, 3)

@@ -11,26 +11,32 @@ Backward, with dY = dy rearranged to (OC, N*OH*OW)::
     dcols = W.T @ dY            # (C*kh*kw, N*OH*OW)
     dx    = col2im(dcols)       # adjoint of im2col: sum back onto the input pixels
 
-Both passes run over the batch in chunks of images, the same formulas on each
-chunk (dW and db are sums over images, so the chunks' parts are added up):
+``chunk_images=None`` is the plain version: exactly these formulas on the
+whole batch at once. The default fast version computes the same thing:
 
-- cols has C*kh*kw times more entries than the output map (75x for the
-  first layer of lenet: 60 MB at batch 256). A chunk's cols, a few MB, stays
-  in the CPU cache between the copy and the matrix product.
+- in chunks of a few images, the same formulas on each chunk (dW and db are
+  sums over images, so the chunks' parts add up). A chunk's cols, about
+  CHUNK_BYTES, stays in the CPU cache between the copy and the matrix
+  product; the whole batch's cols would not (75x the input for lenet's first
+  layer: 60 MB at batch 256).
+- with stride 1, by :func:`~minicnn.im2col.im2col_flat`: every kernel offset
+  is one shifted slice of the flattened padded image, so cols is a single
+  strided copy. The outputs then come on a grid of OH x Wp instead of
+  OH x OW; the extra columns are cropped from Y, get dY = 0 in backward, and
+  so change neither dW nor dx.
 - backward recomputes a chunk's cols from x instead of keeping all of them
-  from forward: copying cols out of x again is cheaper than reading 60 MB
-  back from memory, and training keeps only x (as PyTorch does).
+  from forward: the copy is cheaper than reading them back from memory, and
+  training keeps only x (as PyTorch does).
 - the chunks are shared out among worker threads, one per core
   (:mod:`minicnn.parallel`); each thread has its own cols buffer.
 
-``chunk_images=None`` is the plain version, the whole batch as one chunk; the
-tests check that chunked and plain agree.
+The tests check that the fast and plain versions agree.
 """
 
 from __future__ import annotations
 
 from minicnn import backend, parallel
-from minicnn.im2col import col2im, im2col, output_size
+from minicnn.im2col import col2im, col2im_flat, im2col, im2col_flat, output_size, pad_hw
 from minicnn.layers.base import Module
 from minicnn.layers.init import kaiming_uniform_params
 
@@ -65,16 +71,27 @@ class Conv2d(Module):
         self.cache = None
         self._cols_buffers: dict = {}     # worker thread -> its cols buffer, see _buffer
 
-    def _cols_per_image(self, x) -> int:
-        """Entries of cols for one image of x: C*kh*kw*OH*OW."""
+    def _geometry(self, x):
+        """(OH, OW) of the output, and Hp, Wp of the padded input."""
         kh, kw = self.kernel_size
         h, w = x.shape[2:]
-        return (self.in_channels * kh * kw * output_size(h, kh, self.stride, self.padding)
-                * output_size(w, kw, self.stride, self.padding))
+        p, s = self.padding, self.stride
+        return output_size(h, kh, s, p), output_size(w, kw, s, p), h + 2 * p, w + 2 * p
+
+    def _flat(self) -> bool:
+        """Whether the fast version uses im2col_flat (stride 1 only)."""
+        return self.stride == 1 and self.chunk_images is not None
+
+    def _cols_per_image(self, x) -> int:
+        """Entries of cols for one image of x: C*kh*kw times OH*OW (flat: OH*Wp) windows."""
+        kh, kw = self.kernel_size
+        oh, ow, _, wp = self._geometry(x)
+        windows = oh * wp if self._flat() else oh * ow
+        return self.in_channels * kh * kw * windows
 
     def _buffer(self, x, part, worker: int):
         """A cols buffer for one chunk, kept between calls (one per worker thread):
-        allocating a few MB afresh for every chunk costs page faults that took
+        allocating it afresh for every chunk costs page faults that can take
         longer than the copy itself."""
         size = self._cols_per_image(x) * (part.stop - part.start)
         buffer = self._cols_buffers.get(worker)
@@ -84,12 +101,17 @@ class Conv2d(Module):
         return buffer
 
     def _chunks(self, x):
-        """Slices of the batch whose cols take about CHUNK_BYTES each (one for the plain version)."""
+        """Slices of the batch whose cols take about CHUNK_BYTES each (one for the plain
+        version), as many as a multiple of the worker threads so that they share evenly."""
         n = x.shape[0]
         if self.chunk_images is None:
             size = n
         elif self.chunk_images == "auto":
             size = max(1, CHUNK_BYTES // (self._cols_per_image(x) * x.dtype.itemsize))
+            count = -(-n // size)                                # ceil(n / size)
+            threads = parallel.workers() if backend.on_cpu(x) else 1
+            count = -(-count // threads) * threads
+            size = -(-n // count)
         else:
             size = int(self.chunk_images)
         return [slice(start, min(start + size, n)) for start in range(0, n, size)]
@@ -100,24 +122,16 @@ class Conv2d(Module):
             raise ValueError(f"Conv2d expected {self.in_channels} input channels, got {c} "
                              f"(input shape {tuple(x.shape)})")
         kh, kw = self.kernel_size
-        oh = output_size(h, kh, self.stride, self.padding)
-        ow = output_size(w, kw, self.stride, self.padding)
+        oh, ow, _, _ = self._geometry(x)
         if oh < 1 or ow < 1:
             raise ValueError(f"Conv2d kernel {kh}x{kw} does not fit input {h}x{w} "
                              f"with padding {self.padding}")
         xp = backend.array_module(x)
-        weight = self.params["weight"].reshape(self.out_channels, -1)     # (OC, C*kh*kw)
+        x = xp.ascontiguousarray(x)       # im2col_flat reads it by offsets (a flipped view would not do)
         y = xp.empty((n, self.out_channels, oh, ow), dtype=x.dtype)
-
-        def forward_chunk(part, worker):
-            cols = im2col(x[part], kh, kw, self.stride, self.padding,
-                          out=self._buffer(x, part, worker))           # (C*kh*kw, B*OH*OW)
-            y_part = weight @ cols                                        # (OC, B*OH*OW)
-            y[part] = y_part.reshape(self.out_channels, -1, oh, ow).transpose(1, 0, 2, 3)
-
-        parallel.run_chunks(forward_chunk, self._chunks(x), x)
-        if "bias" in self.params:
-            y += self.params["bias"][:, None, None]
+        chunk_forward = self._forward_flat if self._flat() else self._forward_im2col
+        parallel.run_chunks(lambda part, worker: chunk_forward(x, y, part, worker),
+                            self._chunks(x), x)
         self.cache = x if self.training else None
         return y
 
@@ -125,26 +139,79 @@ class Conv2d(Module):
         x = self.cache
         if x is None:
             raise RuntimeError("Conv2d.backward needs a forward pass in training mode first")
-        xp = backend.array_module(dy)
-        kh, kw = self.kernel_size
-        weight = self.params["weight"].reshape(self.out_channels, -1)     # (OC, C*kh*kw)
-        dx = xp.empty_like(x) if self.needs_input_grad else None
-
-        def backward_chunk(part, worker):
-            cols = im2col(x[part], kh, kw, self.stride, self.padding,
-                          out=self._buffer(x, part, worker))           # recomputed, see above
-            dy_mat = dy[part].transpose(1, 0, 2, 3).reshape(self.out_channels, -1)
-            if dx is not None:
-                dcols = weight.T @ dy_mat                                  # (C*kh*kw, B*OH*OW)
-                dx[part] = col2im(dcols, x[part].shape, kh, kw, self.stride, self.padding)
-            return (cols @ dy_mat.T).T        # this chunk's dW = dY @ cols.T; BLAS is faster
-                                              # at this shape with the long axis inside
-
-        d_weight = sum(parallel.run_chunks(backward_chunk, self._chunks(x), x))
+        dx = backend.array_module(dy).empty_like(x) if self.needs_input_grad else None
+        chunk_backward = self._backward_flat if self._flat() else self._backward_im2col
+        d_weight = sum(parallel.run_chunks(lambda part, worker: chunk_backward(x, dy, dx, part, worker),
+                                           self._chunks(x), x))
         self.grads["weight"] = d_weight.reshape(self.params["weight"].shape)
         if "bias" in self.params:
             self.grads["bias"] = dy.sum(axis=(0, 2, 3))
         return dx
+
+    def _add_bias(self, maps, out):
+        """out = maps + bias (one pass, no temporary)."""
+        if "bias" in self.params:
+            backend.array_module(maps).add(maps, self.params["bias"][:, None, None], out=out)
+        else:
+            out[...] = maps
+
+    # One chunk of images, the plain formulas: cols (C*kh*kw, B*OH*OW) --------------
+
+    def _forward_im2col(self, x, y, part, worker):
+        kh, kw = self.kernel_size
+        oh, ow, _, _ = self._geometry(x)
+        weight = self.params["weight"].reshape(self.out_channels, -1)          # (OC, C*kh*kw)
+        cols = im2col(x[part], kh, kw, self.stride, self.padding, out=self._buffer(x, part, worker))
+        y_mat = weight @ cols                                                   # (OC, B*OH*OW)
+        maps = y_mat.reshape(self.out_channels, -1, oh, ow).transpose(1, 0, 2, 3)
+        self._add_bias(maps, y[part])
+
+    def _backward_im2col(self, x, dy, dx, part, worker):
+        kh, kw = self.kernel_size
+        weight = self.params["weight"].reshape(self.out_channels, -1)
+        cols = im2col(x[part], kh, kw, self.stride, self.padding,
+                      out=self._buffer(x, part, worker))                        # recomputed
+        dy_mat = dy[part].transpose(1, 0, 2, 3).reshape(self.out_channels, -1)  # (OC, B*OH*OW)
+        if dx is not None:
+            dx[part] = col2im(weight.T @ dy_mat, x[part].shape, kh, kw, self.stride, self.padding)
+        return (cols @ dy_mat.T).T        # this chunk's dW = dY @ cols.T; BLAS is faster
+                                          # at this shape with the long axis inside
+
+    # One chunk of images, stride 1: flat cols, one product per image ---------------
+    #
+    # cols is (B, C*kh*kw, OH*Wp), and the products are stacked over the images
+    # (W @ cols, one matrix product per image in a single call). Per image, the
+    # products are small enough for BLAS's fast small-matrix kernels, and the
+    # outputs come out image by image, already in (N, OC, ...) order.
+
+    def _forward_flat(self, x, y, part, worker):
+        kh, kw = self.kernel_size
+        oh, ow, _, wp = self._geometry(x)
+        weight = self.params["weight"].reshape(self.out_channels, -1)          # (OC, C*kh*kw)
+        x_pad = pad_hw(x[part], self.padding)
+        cols = im2col_flat(x_pad, kh, kw, out=self._buffer(x, part, worker))   # (B, C*kh*kw, OH*Wp)
+        y_grid = weight @ cols                                                  # (B, OC, OH*Wp)
+        b = part.stop - part.start
+        self._add_bias(y_grid.reshape(b, self.out_channels, oh, wp)[..., :ow], y[part])
+
+    def _backward_flat(self, x, dy, dx, part, worker):
+        xp = backend.array_module(dy)
+        kh, kw = self.kernel_size
+        oh, ow, _, wp = self._geometry(x)
+        h, w, p = x.shape[2], x.shape[3], self.padding
+        weight = self.params["weight"].reshape(self.out_channels, -1)
+        x_pad = pad_hw(x[part], p)
+        cols = im2col_flat(x_pad, kh, kw, out=self._buffer(x, part, worker))   # recomputed
+        b = part.stop - part.start
+        dy_grid = xp.zeros((b, self.out_channels, oh, wp), dy.dtype)  # 0 in the extra columns
+        dy_grid[..., :ow] = dy[part]
+        dy_grid = dy_grid.reshape(b, self.out_channels, oh * wp)
+        if dx is not None:
+            dcols = weight.T @ dy_grid                                         # (B, C*kh*kw, OH*Wp)
+            dx[part] = col2im_flat(dcols, x_pad.shape, kh, kw)[:, :, p:p + h, p:p + w]
+        # dW = sum over images of dY_n @ cols_n.T, computed as (cols_n @ dY_n.T).T: BLAS
+        # is faster at this shape with the long axis inside
+        return (cols @ dy_grid.transpose(0, 2, 1)).sum(axis=0).T
 
     def extra_repr(self) -> str:
         kh, kw = self.kernel_size

@@ -14,6 +14,15 @@ Backward: only the winner of a window influenced y, with slope 1::
 
 When windows overlap (stride < kernel) a pixel can win several windows and
 collects the sum of their gradients.
+
+The common 2x2 window with stride 2 has a faster path (``bracket``, on by
+default for it; the tests check it against the general one). A 2x2 max is a
+small knockout: left against right in the top row and in the bottom row, then
+the top winner against the bottom winner. Forward keeps the three results as
+booleans (a later cell wins only if strictly greater, so ties still go to the
+first cell); backward follows the bracket back: dy goes to the winning row,
+then to the winning cell of that row. Each step splits a gradient g in two as
+g * won and g - g * won, which is exact, so no zero-filled dx and no ``+=``.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ class MaxPool2d(Module):
         if not 0 <= self.padding <= self.kernel_size // 2:
             raise ValueError(f"MaxPool2d padding must be between 0 and kernel_size // 2 "
                              f"(= {self.kernel_size // 2}), got {self.padding}")
+        self.bracket = self.kernel_size == 2 and self.stride == 2 and self.padding == 0
         self.cache = None
 
     def _offsets(self):
@@ -49,6 +59,8 @@ class MaxPool2d(Module):
         oh, ow = output_size(h, k, s, p), output_size(w, k, s, p)
         if oh < 1 or ow < 1:
             raise ValueError(f"MaxPool2d window {k}x{k} does not fit input {h}x{w}")
+        if self.bracket:
+            return self._forward_bracket(x, oh, ow)
         x_pad = pad_hw(x, p, value=-xp.inf)
         windows = [window_view(x_pad, i, j, s, oh, ow) for i, j in self._offsets()]
         y = windows[0].copy()
@@ -68,6 +80,8 @@ class MaxPool2d(Module):
     def backward(self, dy):
         if self.cache is None:
             raise RuntimeError("MaxPool2d.backward needs a forward pass in training mode first")
+        if self.cache[0] == "bracket":
+            return self._backward_bracket(dy)
         xp = backend.array_module(dy)
         x_shape, winners = self.cache
         n, c, h, w = x_shape
@@ -77,6 +91,36 @@ class MaxPool2d(Module):
         for index, (i, j) in enumerate(self._offsets()):
             window_view(dx_pad, i, j, s, oh, ow)[...] += dy * winners[index]
         return dx_pad[:, :, p:p + h, p:p + w]
+
+    def _forward_bracket(self, x, oh, ow):
+        """2x2, stride 2: the knockout described in the module docstring."""
+        xp = backend.array_module(x)
+        shape = x.shape
+        x = x[:, :, :2 * oh, :2 * ow]              # an odd last row or column is in no window
+        top_left, top_right = x[:, :, 0::2, 0::2], x[:, :, 0::2, 1::2]
+        bottom_left, bottom_right = x[:, :, 1::2, 0::2], x[:, :, 1::2, 1::2]
+        top, bottom = xp.maximum(top_left, top_right), xp.maximum(bottom_left, bottom_right)
+        y = xp.maximum(top, bottom)
+        self.cache = None
+        if self.training:
+            self.cache = ("bracket", shape, top_right > top_left,   # True: right cell won its row
+                          bottom_right > bottom_left, bottom > top)   # True: bottom row won
+        return y
+
+    def _backward_bracket(self, dy):
+        xp = backend.array_module(dy)
+        _, (n, c, h, w), top_right_won, bottom_right_won, bottom_won = self.cache
+        dx = xp.empty((n, c, h, w), dtype=dy.dtype)
+        dx[:, :, 2 * (h // 2):] = 0                # the odd last row or column, if any
+        dx[:, :, :, 2 * (w // 2):] = 0
+        d_bottom = dy * bottom_won                 # dy to the winning row ...
+        d_top = dy - d_bottom
+        for row, d_row, right_won in ((0, d_top, top_right_won), (1, d_bottom, bottom_right_won)):
+            oh, ow = d_row.shape[2:]
+            right = dx[:, :, row:2 * oh:2, 1:2 * ow:2]     # ... then to the winning cell of that row
+            xp.multiply(d_row, right_won, out=right)
+            xp.subtract(d_row, right, out=dx[:, :, row:2 * oh:2, 0:2 * ow:2])
+        return dx
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
