@@ -1,7 +1,8 @@
 """The fast paths against the plain versions they replace.
 
-Conv2d runs over the batch in chunks on worker threads and recomputes cols
-in backward; the plain version (``chunk_images=None``) does the whole batch
+Conv2d runs over the batch in chunks on worker threads, with flat cols and
+one product per image for small stride-1 layers, and recomputes cols in
+backward; the plain version (``chunk_images=None``) does the whole batch
 as one matrix product. MaxPool2d's backward must send each window's gradient
 to exactly one input, the first maximum, even when a window is all ties (as
 after a ReLU); PyTorch does the same.
@@ -14,6 +15,7 @@ import pytest
 
 from minicnn import backend, parallel
 from minicnn.layers import Conv2d, MaxPool2d, ReLU
+from minicnn.layers import conv as conv_module
 
 
 @pytest.fixture(params=[1, 3], ids=["1-thread", "3-threads"])
@@ -26,7 +28,11 @@ def threads(request):
 @pytest.mark.parametrize("k,stride,padding,needs_dx", [(5, 1, 0, False), (3, 2, 1, True),
                                                         (3, 1, 1, True)])
 @pytest.mark.parametrize("chunk", [1, 3, "auto"])
-def test_chunked_conv_matches_plain(xp, threads, k, stride, padding, needs_dx, chunk):
+@pytest.mark.parametrize("flat_limit", [conv_module.FLAT_PRODUCT_MACS, 0],
+                         ids=["flat-if-stride-1", "never-flat"])
+def test_chunked_conv_matches_plain(xp, threads, monkeypatch, k, stride, padding, needs_dx,
+                                    chunk, flat_limit):
+    monkeypatch.setattr(conv_module, "FLAT_PRODUCT_MACS", flat_limit)
     rng = backend.make_rng(1)
     x = rng.standard_normal((7, 3, 9, 8))
     plain = Conv2d(3, 4, k, stride=stride, padding=padding).astype(xp.float64)

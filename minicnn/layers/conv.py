@@ -19,7 +19,11 @@ whole batch at once. The default fast version computes the same thing:
   CHUNK_BYTES, stays in the CPU cache between the copy and the matrix
   product; the whole batch's cols would not (75x the input for lenet's first
   layer: 60 MB at batch 256).
-- with stride 1, by :func:`~minicnn.im2col.im2col_flat`: every kernel offset
+- with stride 1 and few channels (lenet's layers), by
+  :func:`~minicnn.im2col.im2col_flat`, one small matrix product per image
+  (at most FLAT_PRODUCT_MACS multiply-adds: BLAS has fast kernels for small
+  products; a layer with many channels makes big ones, which go faster as
+  one product over the chunk, the plain formulas). Every kernel offset
   is one shifted slice of the flattened padded image, so cols is a single
   strided copy. The outputs then come on a grid of OH x Wp instead of
   OH x OW; the extra columns are cropped from Y, get dY = 0 in backward, and
@@ -40,7 +44,8 @@ from minicnn.im2col import col2im, col2im_flat, im2col, im2col_flat, output_size
 from minicnn.layers.base import Module
 from minicnn.layers.init import kaiming_uniform_params
 
-CHUNK_BYTES = 4 * 2**20   # target size of one chunk's cols, see the module docstring
+CHUNK_BYTES = 4 * 2**20        # target size of one chunk's cols, see the module docstring
+FLAT_PRODUCT_MACS = 2**20      # largest product per image for the flat version (docstring)
 
 
 def _pair(value) -> tuple[int, int]:
@@ -78,16 +83,18 @@ class Conv2d(Module):
         p, s = self.padding, self.stride
         return output_size(h, kh, s, p), output_size(w, kw, s, p), h + 2 * p, w + 2 * p
 
-    def _flat(self) -> bool:
-        """Whether the fast version uses im2col_flat (stride 1 only)."""
-        return self.stride == 1 and self.chunk_images is not None
+    def _flat(self, x) -> bool:
+        """Whether the fast version uses im2col_flat: stride 1, and small products per image."""
+        if self.stride != 1 or self.chunk_images is None:
+            return False
+        return self.out_channels * self._cols_per_image(x, flat=True) <= FLAT_PRODUCT_MACS
 
-    def _cols_per_image(self, x) -> int:
+    def _cols_per_image(self, x, flat: bool | None = None) -> int:
         """Entries of cols for one image of x: C*kh*kw times OH*OW (flat: OH*Wp) windows."""
         kh, kw = self.kernel_size
         oh, ow, _, wp = self._geometry(x)
-        windows = oh * wp if self._flat() else oh * ow
-        return self.in_channels * kh * kw * windows
+        flat = self._flat(x) if flat is None else flat
+        return self.in_channels * kh * kw * (oh * wp if flat else oh * ow)
 
     def _buffer(self, x, part, worker: int):
         """A cols buffer for one chunk, kept between calls (one per worker thread):
@@ -129,7 +136,7 @@ class Conv2d(Module):
         xp = backend.array_module(x)
         x = xp.ascontiguousarray(x)       # im2col_flat reads it by offsets (a flipped view would not do)
         y = xp.empty((n, self.out_channels, oh, ow), dtype=x.dtype)
-        chunk_forward = self._forward_flat if self._flat() else self._forward_im2col
+        chunk_forward = self._forward_flat if self._flat(x) else self._forward_im2col
         parallel.run_chunks(lambda part, worker: chunk_forward(x, y, part, worker),
                             self._chunks(x), x)
         self.cache = x if self.training else None
@@ -140,7 +147,7 @@ class Conv2d(Module):
         if x is None:
             raise RuntimeError("Conv2d.backward needs a forward pass in training mode first")
         dx = backend.array_module(dy).empty_like(x) if self.needs_input_grad else None
-        chunk_backward = self._backward_flat if self._flat() else self._backward_im2col
+        chunk_backward = self._backward_flat if self._flat(x) else self._backward_im2col
         d_weight = sum(parallel.run_chunks(lambda part, worker: chunk_backward(x, dy, dx, part, worker),
                                            self._chunks(x), x))
         self.grads["weight"] = d_weight.reshape(self.params["weight"].shape)
