@@ -116,7 +116,7 @@ def im2col_flat(x_pad, kh: int, kw: int, out=None):
     size = x_pad.itemsize
     shifted = xp.lib.stride_tricks.as_strided(            # [n, c, i, j, q] -> x_pad[n, c, q + i*Wp + j]
         x_pad, (n, c, kh, kw, length),
-        tuple(size * step for step in (c * hp * wp, hp * wp, wp, 1, 1)), writeable=False)
+        tuple(size * step for step in (c * hp * wp, hp * wp, wp, 1, 1)))   # only read from
     count = n * c * kh * kw * oh * wp
     cols = xp.empty(count, x_pad.dtype) if out is None else out.reshape(-1)[:count]
     cols = cols.reshape(n, c, kh, kw, oh * wp)
