@@ -89,32 +89,31 @@ class Conv2d(Module):
             return False
         return self.out_channels * self._cols_per_image(x, flat=True) <= FLAT_PRODUCT_MACS
 
-    def _cols_per_image(self, x, flat: bool | None = None) -> int:
+    def _cols_per_image(self, x, flat: bool) -> int:
         """Entries of cols for one image of x: C*kh*kw times OH*OW (flat: OH*Wp) windows."""
         kh, kw = self.kernel_size
         oh, ow, _, wp = self._geometry(x)
-        flat = self._flat(x) if flat is None else flat
         return self.in_channels * kh * kw * (oh * wp if flat else oh * ow)
 
-    def _buffer(self, x, part, worker: int):
+    def _buffer(self, x, part, worker: int, flat: bool):
         """A cols buffer for one chunk, kept between calls (one per worker thread):
         allocating it afresh for every chunk costs page faults that can take
         longer than the copy itself."""
-        size = self._cols_per_image(x) * (part.stop - part.start)
+        size = self._cols_per_image(x, flat) * (part.stop - part.start)
         buffer = self._cols_buffers.get(worker)
         if buffer is None or buffer.size < size or buffer.dtype != x.dtype \
                 or backend.on_cpu(buffer) != backend.on_cpu(x):
             buffer = self._cols_buffers[worker] = backend.array_module(x).empty(size, x.dtype)
         return buffer
 
-    def _chunks(self, x):
+    def _chunks(self, x, flat: bool):
         """Slices of the batch whose cols take about CHUNK_BYTES each (one for the plain
         version), as many as a multiple of the worker threads so that they share evenly."""
         n = x.shape[0]
         if self.chunk_images is None:
             size = n
         elif self.chunk_images == "auto":
-            size = max(1, CHUNK_BYTES // (self._cols_per_image(x) * x.dtype.itemsize))
+            size = max(1, CHUNK_BYTES // (self._cols_per_image(x, flat) * x.dtype.itemsize))
             count = -(-n // size)                                # ceil(n / size)
             threads = parallel.workers() if backend.on_cpu(x) else 1
             count = -(-count // threads) * threads
@@ -136,9 +135,10 @@ class Conv2d(Module):
         xp = backend.array_module(x)
         x = xp.ascontiguousarray(x)       # im2col_flat reads it by offsets (a flipped view would not do)
         y = xp.empty((n, self.out_channels, oh, ow), dtype=x.dtype)
-        chunk_forward = self._forward_flat if self._flat(x) else self._forward_im2col
+        flat = self._flat(x)
+        chunk_forward = self._forward_flat if flat else self._forward_im2col
         parallel.run_chunks(lambda part, worker: chunk_forward(x, y, part, worker),
-                            self._chunks(x), x)
+                            self._chunks(x, flat), x)
         self.cache = x if self.training else None
         return y
 
@@ -147,9 +147,10 @@ class Conv2d(Module):
         if x is None:
             raise RuntimeError("Conv2d.backward needs a forward pass in training mode first")
         dx = backend.array_module(dy).empty_like(x) if self.needs_input_grad else None
-        chunk_backward = self._backward_flat if self._flat(x) else self._backward_im2col
+        flat = self._flat(x)
+        chunk_backward = self._backward_flat if flat else self._backward_im2col
         d_weight = sum(parallel.run_chunks(lambda part, worker: chunk_backward(x, dy, dx, part, worker),
-                                           self._chunks(x), x))
+                                           self._chunks(x, flat), x))
         self.grads["weight"] = d_weight.reshape(self.params["weight"].shape)
         if "bias" in self.params:
             self.grads["bias"] = dy.sum(axis=(0, 2, 3))
@@ -168,7 +169,8 @@ class Conv2d(Module):
         kh, kw = self.kernel_size
         oh, ow, _, _ = self._geometry(x)
         weight = self.params["weight"].reshape(self.out_channels, -1)          # (OC, C*kh*kw)
-        cols = im2col(x[part], kh, kw, self.stride, self.padding, out=self._buffer(x, part, worker))
+        cols = im2col(x[part], kh, kw, self.stride, self.padding,
+                      out=self._buffer(x, part, worker, flat=False))
         y_mat = weight @ cols                                                   # (OC, B*OH*OW)
         maps = y_mat.reshape(self.out_channels, -1, oh, ow).transpose(1, 0, 2, 3)
         self._add_bias(maps, y[part])
@@ -177,7 +179,7 @@ class Conv2d(Module):
         kh, kw = self.kernel_size
         weight = self.params["weight"].reshape(self.out_channels, -1)
         cols = im2col(x[part], kh, kw, self.stride, self.padding,
-                      out=self._buffer(x, part, worker))                        # recomputed
+                      out=self._buffer(x, part, worker, flat=False))            # recomputed
         dy_mat = dy[part].transpose(1, 0, 2, 3).reshape(self.out_channels, -1)  # (OC, B*OH*OW)
         if dx is not None:
             dx[part] = col2im(weight.T @ dy_mat, x[part].shape, kh, kw, self.stride, self.padding)
@@ -196,7 +198,7 @@ class Conv2d(Module):
         oh, ow, _, wp = self._geometry(x)
         weight = self.params["weight"].reshape(self.out_channels, -1)          # (OC, C*kh*kw)
         x_pad = pad_hw(x[part], self.padding)
-        cols = im2col_flat(x_pad, kh, kw, out=self._buffer(x, part, worker))   # (B, C*kh*kw, OH*Wp)
+        cols = im2col_flat(x_pad, kh, kw, out=self._buffer(x, part, worker, flat=True))
         y_grid = weight @ cols                                                  # (B, OC, OH*Wp)
         b = part.stop - part.start
         self._add_bias(y_grid.reshape(b, self.out_channels, oh, wp)[..., :ow], y[part])
@@ -208,7 +210,8 @@ class Conv2d(Module):
         h, w, p = x.shape[2], x.shape[3], self.padding
         weight = self.params["weight"].reshape(self.out_channels, -1)
         x_pad = pad_hw(x[part], p)
-        cols = im2col_flat(x_pad, kh, kw, out=self._buffer(x, part, worker))   # recomputed
+        cols = im2col_flat(x_pad, kh, kw,
+                           out=self._buffer(x, part, worker, flat=True))        # recomputed
         b = part.stop - part.start
         dy_grid = xp.zeros((b, self.out_channels, oh, wp), dy.dtype)  # 0 in the extra columns
         dy_grid[..., :ow] = dy[part]

@@ -74,7 +74,7 @@ class MaxPool2d(Module):
                 xp.equal(window, y, out=winners[index])
                 winners[index] &= ~taken                     # first maximum only
                 taken |= winners[index]
-            self.cache = (x.shape, winners)
+            self.cache = ("offsets", x.shape, winners)
         return y
 
     def backward(self, dy):
@@ -83,8 +83,7 @@ class MaxPool2d(Module):
         if self.cache[0] == "bracket":
             return self._backward_bracket(dy)
         xp = backend.array_module(dy)
-        x_shape, winners = self.cache
-        n, c, h, w = x_shape
+        _, (n, c, h, w), winners = self.cache
         s, p = self.stride, self.padding
         oh, ow = winners.shape[3:]
         dx_pad = xp.zeros((n, c, h + 2 * p, w + 2 * p), dtype=dy.dtype)
@@ -115,8 +114,8 @@ class MaxPool2d(Module):
         dx[:, :, :, 2 * (w // 2):] = 0
         d_bottom = dy * bottom_won                 # dy to the winning row ...
         d_top = dy - d_bottom
+        oh, ow = dy.shape[2:]
         for row, d_row, right_won in ((0, d_top, top_right_won), (1, d_bottom, bottom_right_won)):
-            oh, ow = d_row.shape[2:]
             right = dx[:, :, row:2 * oh:2, 1:2 * ow:2]     # ... then to the winning cell of that row
             xp.multiply(d_row, right_won, out=right)
             xp.subtract(d_row, right, out=dx[:, :, row:2 * oh:2, 0:2 * ow:2])
