@@ -40,6 +40,7 @@ import numpy as np
 
 from minicnn import models
 from minicnn.layers import Sequential
+from minicnn.layers.fused import ConvReluPool
 from minicnn.losses import SoftmaxCrossEntropy
 from minicnn.optim import SGD
 
@@ -175,41 +176,53 @@ def peak_memory_mb(engine: str, name: str, mode: str, batch_size: int):
 # --- per-layer profile -------------------------------------------------------------
 
 def profile(name: str, batch_size: int, steps: int) -> None:
-    """Print mean milliseconds per layer, forward and backward, over ``steps`` steps."""
+    """Print mean milliseconds per layer, forward and backward, over ``steps`` steps.
+
+    A fused Conv2d, ReLU, MaxPool2d run (minicnn.layers.fused) is one line."""
     runner = MinicnnRunner(name, "train", batch_size)
-    layers = runner.model.layers
-    forward = [0.0] * len(layers)
-    backward = [0.0] * len(layers)
+    parts = runner.model.steps()           # what Sequential.forward runs, in order
+    labels, first = [], 0
+    for part in parts:
+        count = 3 if isinstance(part, ConvReluPool) else 1
+        if count == 3:
+            conv = part.conv
+            what = f"Conv2d({conv.in_channels}, {conv.out_channels}) + ReLU + MaxPool2d"
+        else:
+            what = repr(part)
+        labels.append(f"{first:>2}{'-' + str(first + count - 1) if count > 1 else '':<3} {what}")
+        first += count
+    forward = [0.0] * len(parts)
+    backward = [0.0] * len(parts)
     other = {"loss": 0.0, "sgd": 0.0}
     warm_up(runner)
-    layers[0].needs_input_grad = False     # as Sequential.backward would set it
+    runner.model.layers[0].needs_input_grad = False     # as Sequential.backward would set it
     for _ in range(steps):
         x = runner.x
-        for index, layer in enumerate(layers):
+        for index, part in enumerate(parts):
             start = time.perf_counter()
-            x = layer.forward(x)
+            x = part.forward(x)
             forward[index] += time.perf_counter() - start
         start = time.perf_counter()
         runner.criterion.forward(x, runner.labels)
         dy = runner.criterion.backward()
         other["loss"] += time.perf_counter() - start
-        for index in reversed(range(len(layers))):
+        for index in reversed(range(len(parts))):
             start = time.perf_counter()
-            dy = layers[index].backward(dy)
+            dy = parts[index].backward(dy)
             backward[index] += time.perf_counter() - start
         start = time.perf_counter()
         runner.optimizer.step()
         other["sgd"] += time.perf_counter() - start
     total = sum(forward) + sum(backward) + sum(other.values())
     print(f"\n{name}, training step at batch {batch_size}: mean ms per step over {steps} steps")
-    print(f"{'layer':<34}{'forward':>9}{'backward':>10}{'share':>8}")
-    for index, layer in enumerate(layers):
+    print(f"{'layer':<40}{'forward':>9}{'backward':>10}{'share':>8}")
+    for index, label in enumerate(labels):
         ms_f, ms_b = 1e3 * forward[index] / steps, 1e3 * backward[index] / steps
         share = (forward[index] + backward[index]) / total
-        print(f"{index:>2} {layer!r:<31.31}{ms_f:>9.3f}{ms_b:>10.3f}{share:>8.1%}")
+        print(f"{label:<40.40}{ms_f:>9.3f}{ms_b:>10.3f}{share:>8.1%}")
     for key, seconds in other.items():
-        print(f"   {key:<31}{1e3 * seconds / steps:>9.3f}{'':>10}{seconds / total:>8.1%}")
-    print(f"   {'total':<31}{1e3 * total / steps:>9.3f} ms  "
+        print(f"      {key:<34}{1e3 * seconds / steps:>9.3f}{'':>10}{seconds / total:>8.1%}")
+    print(f"      {'total':<34}{1e3 * total / steps:>9.3f} ms  "
           f"({steps * batch_size / total:,.0f} images/s)")
 
 

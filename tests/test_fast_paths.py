@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from minicnn import backend, parallel
-from minicnn.layers import Conv2d, MaxPool2d, ReLU
+from minicnn.layers import Conv2d, MaxPool2d, ReLU, Sequential
 from minicnn.layers import conv as conv_module
+from minicnn.layers.fused import ConvReluPool
 
 
 @pytest.fixture(params=[1, 3], ids=["1-thread", "3-threads"])
@@ -54,13 +55,13 @@ def test_chunked_conv_matches_plain(xp, threads, monkeypatch, k, stride, padding
         assert dx_fast is None
 
 
-def test_conv_reuses_its_cols_buffer_across_calls(xp):
+def test_conv_reuses_its_scratch_buffers_across_calls(xp):
     conv = Conv2d(3, 2, 3)
     x = backend.make_rng(0).standard_normal((4, 3, 6, 6)).astype(xp.float32)
     first = conv.forward(x).copy()
-    buffers = dict(conv._cols_buffers)
+    buffers = dict(conv._scratch)
     second = conv.forward(x)
-    assert all(conv._cols_buffers[key] is buffers[key] for key in buffers)
+    assert all(conv._scratch[key] is buffers[key] for key in buffers)
     np.testing.assert_array_equal(backend.to_host(first), backend.to_host(second))
 
 
@@ -134,3 +135,99 @@ def test_conv_reads_a_mirrored_view_correctly(xp):
     mirrored = x[..., ::-1]
     np.testing.assert_allclose(backend.to_host(conv.forward(mirrored)),
                                backend.to_host(conv.forward(mirrored.copy())), rtol=1e-12)
+
+
+# --- Conv2d, ReLU, MaxPool2d(2) fused (minicnn.layers.fused) ------------------------
+
+def conv_relu_pool_net(padding=1, bias=True, stride=1):
+    return Sequential(Conv2d(3, 4, 3, padding=padding, bias=bias, stride=stride), ReLU(),
+                      MaxPool2d(2), Conv2d(4, 5, 3, bias=bias), ReLU(), MaxPool2d(2))
+
+
+def forward_backward(net, x, dy_seed=7):
+    y = net.forward(x)
+    dy = backend.make_rng(dy_seed).standard_normal(y.shape).astype(x.dtype)
+    dx = net.backward(dy)
+    grads = {name: module.grads[key] for name, module, key in net.named_parameters()}
+    return y, dx, grads
+
+
+def assert_same_results(first, second):
+    (y1, dx1, grads1), (y2, dx2, grads2) = first, second
+    np.testing.assert_array_equal(backend.to_host(y1), backend.to_host(y2))
+    if dx1 is None or dx2 is None:
+        assert dx1 is None and dx2 is None
+    else:
+        np.testing.assert_array_equal(backend.to_host(dx1), backend.to_host(dx2))
+    assert grads1.keys() == grads2.keys()
+    for key in grads1:
+        np.testing.assert_array_equal(backend.to_host(grads1[key]), backend.to_host(grads2[key]))
+
+
+def test_plan_fuses_conv_relu_pool_runs_only():
+    net = Sequential(Conv2d(3, 4, 3), ReLU(), MaxPool2d(2),       # fused
+                     Conv2d(4, 4, 3), ReLU(), MaxPool2d(3),       # a 3x3 pool: not fused
+                     ReLU(), Conv2d(4, 4, 1), ReLU())
+    steps = net.steps()
+    assert isinstance(steps[0], ConvReluPool)
+    assert [type(step).__name__ for step in steps[1:]] == ["Conv2d", "ReLU", "MaxPool2d",
+                                                           "ReLU", "Conv2d", "ReLU"]
+    net.fuse = False
+    assert net.steps() == net.layers
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(7, 3, 12, 12), (5, 3, 13, 11)], ids=["even", "odd"])
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+@pytest.mark.parametrize("needs_dx", [False, True])
+def test_fused_run_matches_layer_by_layer(xp, threads, dtype, shape, ties, needs_dx):
+    """Bit for bit: the same products, and ReLU's and pooling's steps only reordered.
+    Ties: integer inputs and weights make many equal values, and all-zero windows."""
+    rng = backend.make_rng(8)
+    fused = conv_relu_pool_net().astype(getattr(xp, dtype))
+    if ties:
+        x = rng.integers(-2, 3, shape).astype(dtype)
+        for _, holder, key in fused.named_arrays():
+            holder[key] = xp.round(holder[key] * 4)
+    else:
+        x = rng.standard_normal(shape).astype(dtype)
+    plain = conv_relu_pool_net()
+    plain.layers = fused.layers                 # the very same layers and parameters
+    plain.fuse = False
+    fused.needs_input_grad = plain.needs_input_grad = needs_dx
+    assert isinstance(fused.steps()[0], ConvReluPool) and isinstance(fused.steps()[1], ConvReluPool)
+    assert_same_results(forward_backward(fused, x), forward_backward(plain, x))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_run_without_bias_and_in_eval_mode(xp, bias):
+    x = backend.make_rng(9).standard_normal((3, 3, 10, 10))
+    fused = conv_relu_pool_net(bias=bias).astype(xp.float64)
+    plain = conv_relu_pool_net(bias=bias)
+    plain.layers, plain.fuse = fused.layers, False
+    assert_same_results(forward_backward(fused, x), forward_backward(plain, x))
+    fused.eval()
+    np.testing.assert_array_equal(backend.to_host(fused.forward(x)),
+                                  backend.to_host(plain.forward(x)))
+    with pytest.raises(RuntimeError, match="training mode"):
+        fused.backward(xp.ones((3, 5, 1, 1)))
+
+
+def test_fused_run_falls_back_to_layer_by_layer_where_the_conv_is_not_flat(xp):
+    """Stride 2 has no flat version: the run still works, one layer after the other."""
+    x = backend.make_rng(10).standard_normal((2, 3, 20, 20))
+    fused = conv_relu_pool_net(stride=2).astype(xp.float64)
+    plain = conv_relu_pool_net(stride=2)
+    plain.layers, plain.fuse = fused.layers, False
+    expected = forward_backward(plain, x)
+    assert_same_results(forward_backward(fused, x), expected)
+    assert fused.layers[0].cache is not None       # the conv ran on its own, and kept x
+    assert fused.layers[3].cache is None           # the second run (stride 1) was fused
+
+
+@pytest.mark.parametrize("hw", [(5, 5), (3, 9)], ids=["conv-1x1", "conv-1x7"])
+def test_fused_run_refuses_what_the_pool_would_refuse(hw):
+    """A conv output too small for the 2x2 window: the same error as layer by layer."""
+    net = Sequential(Conv2d(1, 2, 5 if hw[0] == 5 else 3), ReLU(), MaxPool2d(2))
+    with pytest.raises(ValueError, match="does not fit"):
+        net.forward(np.ones((1, 1, *hw)))

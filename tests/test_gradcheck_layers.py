@@ -148,10 +148,12 @@ def test_airnet_end_to_end(xp):
     assert max(errors.values()) < 1e-6, errors
 
 
-def test_small_network_end_to_end(xp):
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "layer-by-layer"])
+def test_small_network_end_to_end(xp, fuse):
     # ReLU kinks are hit with probability ~0 for random data at these scales.
     net = Sequential(Conv2d(2, 3, 3, padding=1), ReLU(), MaxPool2d(2), Conv2d(3, 4, 3, stride=2),
                      ReLU(), Flatten(), Linear(4, 3))
+    net.fuse = fuse
     assert_gradients_ok(net, randn((2, 2, 8, 8)))
 
 

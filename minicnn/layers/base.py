@@ -112,27 +112,44 @@ class Module:
 
 
 class Sequential(Module):
-    """Layers applied one after the other: y = f_n(... f_2(f_1(x)))."""
+    """Layers applied one after the other: y = f_n(... f_2(f_1(x))).
+
+    With ``fuse`` True (the default), each Conv2d, ReLU, MaxPool2d(2) run is
+    computed in one pass per chunk of images, with the same results
+    (:mod:`minicnn.layers.fused`); False runs every layer on its own, the
+    plain reference.
+    """
 
     def __init__(self, *layers: Module):
         super().__init__()
         if not layers:
             raise ValueError("Sequential needs at least one layer")
         self.layers = list(layers)
+        self.fuse = True
+        self._steps = None          # what the last forward ran, for backward
 
     def children(self):
         return [(str(i), layer) for i, layer in enumerate(self.layers)]
 
+    def steps(self) -> list:
+        """What forward runs, in order: the layers, with fused runs as single steps."""
+        if not self.fuse:
+            return list(self.layers)
+        # imported here: fused imports the layers, and they import this module
+        from minicnn.layers.fused import plan
+        return plan(self.layers)
+
     def forward(self, x):
-        for layer in self.layers:
-            x = layer.forward(x)
+        self._steps = self.steps()
+        for step in self._steps:
+            x = step.forward(x)
         return x
 
     def backward(self, dy):
         """Chain rule backwards: dL/dx_i = backward_i(dL/dx_{i+1})."""
         self.layers[0].needs_input_grad = self.needs_input_grad
-        for layer in reversed(self.layers):
-            dy = layer.backward(dy)
+        for step in reversed(self._steps or self.steps()):
+            dy = step.backward(dy)
         return dy
 
     def __getitem__(self, index):

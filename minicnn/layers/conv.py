@@ -74,16 +74,16 @@ class Conv2d(Module):
                                              fan_in=in_channels * kh * kw, bias=bias)
         self.chunk_images = "auto"
         self.cache = None
-        self._cols_buffers: dict = {}     # worker thread -> its cols buffer, see _buffer
+        self._scratch: dict = {}          # (what, worker thread) -> its buffer, see _buffer
 
-    def _geometry(self, x):
+    def geometry(self, x):
         """(OH, OW) of the output, and Hp, Wp of the padded input."""
         kh, kw = self.kernel_size
         h, w = x.shape[2:]
         p, s = self.padding, self.stride
         return output_size(h, kh, s, p), output_size(w, kw, s, p), h + 2 * p, w + 2 * p
 
-    def _flat(self, x) -> bool:
+    def takes_flat_path(self, x) -> bool:
         """Whether the fast version uses im2col_flat: stride 1, and small products per image."""
         if self.stride != 1 or self.chunk_images is None:
             return False
@@ -92,21 +92,28 @@ class Conv2d(Module):
     def _cols_per_image(self, x, flat: bool) -> int:
         """Entries of cols for one image of x: C*kh*kw times OH*OW (flat: OH*Wp) windows."""
         kh, kw = self.kernel_size
-        oh, ow, _, wp = self._geometry(x)
+        oh, ow, _, wp = self.geometry(x)
         return self.in_channels * kh * kw * (oh * wp if flat else oh * ow)
 
-    def _buffer(self, x, part, worker: int, flat: bool):
-        """A cols buffer for one chunk, kept between calls (one per worker thread):
-        allocating it afresh for every chunk costs page faults that can take
-        longer than the copy itself."""
-        size = self._cols_per_image(x, flat) * (part.stop - part.start)
-        buffer = self._cols_buffers.get(worker)
-        if buffer is None or buffer.size < size or buffer.dtype != x.dtype \
-                or backend.on_cpu(buffer) != backend.on_cpu(x):
-            buffer = self._cols_buffers[worker] = backend.array_module(x).empty(size, x.dtype)
-        return buffer
+    def _buffer(self, what: str, worker: int, shape, like):
+        """Scratch space of ``shape`` for one chunk (cols, the output grid), kept between
+        calls, one per worker thread: allocating it afresh for every chunk costs page
+        faults that can take longer than the work itself. Returns an uninitialised view."""
+        size = 1
+        for length in shape:
+            size *= length
+        buffer = self._scratch.get((what, worker))
+        if buffer is None or buffer.size < size or buffer.dtype != like.dtype \
+                or backend.on_cpu(buffer) != backend.on_cpu(like):
+            buffer = backend.array_module(like).empty(size, like.dtype)
+            self._scratch[(what, worker)] = buffer
+        return buffer[:size].reshape(shape)
 
-    def _chunks(self, x, flat: bool):
+    def _cols_buffer(self, x, part, worker: int, flat: bool):
+        count = self._cols_per_image(x, flat) * (part.stop - part.start)
+        return self._buffer("cols", worker, (count,), x)
+
+    def chunks(self, x, flat: bool):
         """Slices of the batch whose cols take about CHUNK_BYTES each (one for the plain
         version), as many as a multiple of the worker threads so that they share evenly."""
         n = x.shape[0]
@@ -122,23 +129,28 @@ class Conv2d(Module):
             size = int(self.chunk_images)
         return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
-    def forward(self, x):
-        n, c, h, w = x.shape
+    def check_input(self, x) -> None:
+        """Raise ValueError unless x is (N, in_channels, H, W) with room for the kernel."""
+        _, c, h, w = x.shape
         if c != self.in_channels:
             raise ValueError(f"Conv2d expected {self.in_channels} input channels, got {c} "
                              f"(input shape {tuple(x.shape)})")
-        kh, kw = self.kernel_size
-        oh, ow, _, _ = self._geometry(x)
+        oh, ow, _, _ = self.geometry(x)
         if oh < 1 or ow < 1:
+            kh, kw = self.kernel_size
             raise ValueError(f"Conv2d kernel {kh}x{kw} does not fit input {h}x{w} "
                              f"with padding {self.padding}")
+
+    def forward(self, x):
+        self.check_input(x)
         xp = backend.array_module(x)
         x = xp.ascontiguousarray(x)       # im2col_flat reads it by offsets (a flipped view would not do)
-        y = xp.empty((n, self.out_channels, oh, ow), dtype=x.dtype)
-        flat = self._flat(x)
+        oh, ow, _, _ = self.geometry(x)
+        y = xp.empty((x.shape[0], self.out_channels, oh, ow), dtype=x.dtype)
+        flat = self.takes_flat_path(x)
         chunk_forward = self._forward_flat if flat else self._forward_im2col
         parallel.run_chunks(lambda part, worker: chunk_forward(x, y, part, worker),
-                            self._chunks(x, flat), x)
+                            self.chunks(x, flat), x)
         self.cache = x if self.training else None
         return y
 
@@ -147,14 +159,18 @@ class Conv2d(Module):
         if x is None:
             raise RuntimeError("Conv2d.backward needs a forward pass in training mode first")
         dx = backend.array_module(dy).empty_like(x) if self.needs_input_grad else None
-        flat = self._flat(x)
+        flat = self.takes_flat_path(x)
         chunk_backward = self._backward_flat if flat else self._backward_im2col
-        d_weight = sum(parallel.run_chunks(lambda part, worker: chunk_backward(x, dy, dx, part, worker),
-                                           self._chunks(x, flat), x))
+        self.store_grads(parallel.run_chunks(
+            lambda part, worker: chunk_backward(x, dy, dx, part, worker), self.chunks(x, flat), x))
+        return dx
+
+    def store_grads(self, parts) -> None:
+        """grads from the chunks' [(dW, db), ...]: dW and db are sums over images."""
+        d_weight = sum(d_weight for d_weight, _ in parts)
         self.grads["weight"] = d_weight.reshape(self.params["weight"].shape)
         if "bias" in self.params:
-            self.grads["bias"] = dy.sum(axis=(0, 2, 3))
-        return dx
+            self.grads["bias"] = sum(d_bias for _, d_bias in parts)
 
     def _add_bias(self, maps, out):
         """out = maps + bias (one pass, no temporary)."""
@@ -167,10 +183,10 @@ class Conv2d(Module):
 
     def _forward_im2col(self, x, y, part, worker):
         kh, kw = self.kernel_size
-        oh, ow, _, _ = self._geometry(x)
+        oh, ow, _, _ = self.geometry(x)
         weight = self.params["weight"].reshape(self.out_channels, -1)          # (OC, C*kh*kw)
         cols = im2col(x[part], kh, kw, self.stride, self.padding,
-                      out=self._buffer(x, part, worker, flat=False))
+                      out=self._cols_buffer(x, part, worker, flat=False))
         y_mat = weight @ cols                                                   # (OC, B*OH*OW)
         maps = y_mat.reshape(self.out_channels, -1, oh, ow).transpose(1, 0, 2, 3)
         self._add_bias(maps, y[part])
@@ -179,12 +195,12 @@ class Conv2d(Module):
         kh, kw = self.kernel_size
         weight = self.params["weight"].reshape(self.out_channels, -1)
         cols = im2col(x[part], kh, kw, self.stride, self.padding,
-                      out=self._buffer(x, part, worker, flat=False))            # recomputed
+                      out=self._cols_buffer(x, part, worker, flat=False))   # recomputed
         dy_mat = dy[part].transpose(1, 0, 2, 3).reshape(self.out_channels, -1)  # (OC, B*OH*OW)
         if dx is not None:
             dx[part] = col2im(weight.T @ dy_mat, x[part].shape, kh, kw, self.stride, self.padding)
-        return (cols @ dy_mat.T).T        # this chunk's dW = dY @ cols.T; BLAS is faster
-                                          # at this shape with the long axis inside
+        d_weight = (cols @ dy_mat.T).T    # this chunk's dW = dY @ cols.T; BLAS is faster
+        return d_weight, dy_mat.sum(axis=1)   # at this shape with the long axis inside
 
     # One chunk of images, stride 1: flat cols, one product per image ---------------
     #
@@ -194,34 +210,55 @@ class Conv2d(Module):
     # outputs come out image by image, already in (N, OC, ...) order.
 
     def _forward_flat(self, x, y, part, worker):
-        kh, kw = self.kernel_size
-        oh, ow, _, wp = self._geometry(x)
-        weight = self.params["weight"].reshape(self.out_channels, -1)          # (OC, C*kh*kw)
-        x_pad = pad_hw(x[part], self.padding)
-        cols = im2col_flat(x_pad, kh, kw, out=self._buffer(x, part, worker, flat=True))
-        y_grid = weight @ cols                                                  # (B, OC, OH*Wp)
-        b = part.stop - part.start
-        self._add_bias(y_grid.reshape(b, self.out_channels, oh, wp)[..., :ow], y[part])
+        ow = self.geometry(x)[1]
+        y[part] = self.flat_forward(x, part, worker)[..., :ow]
 
     def _backward_flat(self, x, dy, dx, part, worker):
-        xp = backend.array_module(dy)
+        ow = self.geometry(x)[1]
+        dy_grid = self.flat_grid(x, part, worker)
+        dy_grid[..., ow:] = 0                                                   # the extra columns
+        dy_grid[..., :ow] = dy[part]
+        return self.flat_backward(x, dy_grid, dx, part, worker)
+
+    # The parts of the flat version, also used by the fused pass of
+    # minicnn.layers.fused, which works on the grid between forward and backward.
+
+    def flat_grid(self, x, part, worker):
+        """This worker's scratch grid for the images ``part`` of x: (B, OC, OH, Wp),
+        uninitialised, valid until the worker's next call."""
+        oh, _, _, wp = self.geometry(x)
+        return self._buffer("grid", worker, (part.stop - part.start, self.out_channels, oh, wp), x)
+
+    def flat_forward(self, x, part, worker):
+        """W @ cols + b for the images ``part`` of x, on the OH x Wp grid (flat_grid)."""
         kh, kw = self.kernel_size
-        oh, ow, _, wp = self._geometry(x)
+        weight = self.params["weight"].reshape(self.out_channels, -1)          # (OC, C*kh*kw)
+        x_pad = pad_hw(x[part], self.padding)
+        cols = im2col_flat(x_pad, kh, kw, out=self._cols_buffer(x, part, worker, flat=True))
+        grid = self.flat_grid(x, part, worker)
+        b, oc, oh, wp = grid.shape
+        backend.array_module(x).matmul(weight, cols, out=grid.reshape(b, oc, oh * wp))
+        self._add_bias(grid, grid)
+        return grid
+
+    def flat_backward(self, x, dy_grid, dx, part, worker):
+        """Backward for the images ``part`` from dY on the grid, (B, OC, OH, Wp) with 0 in
+        the extra columns: writes dx[part] (if dx is not None), returns this chunk's (dW, db)."""
+        kh, kw = self.kernel_size
         h, w, p = x.shape[2], x.shape[3], self.padding
+        b = part.stop - part.start
         weight = self.params["weight"].reshape(self.out_channels, -1)
         x_pad = pad_hw(x[part], p)
         cols = im2col_flat(x_pad, kh, kw,
-                           out=self._buffer(x, part, worker, flat=True))        # recomputed
-        b = part.stop - part.start
-        dy_grid = xp.zeros((b, self.out_channels, oh, wp), dy.dtype)  # 0 in the extra columns
-        dy_grid[..., :ow] = dy[part]
-        dy_grid = dy_grid.reshape(b, self.out_channels, oh * wp)
+                           out=self._cols_buffer(x, part, worker, flat=True))    # recomputed
+        dy_grid = dy_grid.reshape(b, self.out_channels, -1)                      # (B, OC, OH*Wp)
         if dx is not None:
             dcols = weight.T @ dy_grid                                         # (B, C*kh*kw, OH*Wp)
             dx[part] = col2im_flat(dcols, x_pad.shape, kh, kw)[:, :, p:p + h, p:p + w]
         # dW = sum over images of dY_n @ cols_n.T, computed as (cols_n @ dY_n.T).T: BLAS
         # is faster at this shape with the long axis inside
-        return (cols @ dy_grid.transpose(0, 2, 1)).sum(axis=0).T
+        d_weight = (cols @ dy_grid.transpose(0, 2, 1)).sum(axis=0).T
+        return d_weight, dy_grid.sum(axis=(0, 2))
 
     def extra_repr(self) -> str:
         kh, kw = self.kernel_size

@@ -94,35 +94,63 @@ class MaxPool2d(Module):
     def _forward_bracket(self, x, oh, ow):
         """2x2, stride 2: the knockout described in the module docstring."""
         xp = backend.array_module(x)
-        shape = x.shape
-        x = x[:, :, :2 * oh, :2 * ow]              # an odd last row or column is in no window
-        top_left, top_right = x[:, :, 0::2, 0::2], x[:, :, 0::2, 1::2]
-        bottom_left, bottom_right = x[:, :, 1::2, 0::2], x[:, :, 1::2, 1::2]
-        top, bottom = xp.maximum(top_left, top_right), xp.maximum(bottom_left, bottom_right)
-        y = xp.maximum(top, bottom)
+        n, c = x.shape[:2]
+        y = xp.empty((n, c, oh, ow), dtype=x.dtype)
         self.cache = None
-        if self.training:
-            self.cache = ("bracket", shape, top_right > top_left,   # True: right cell won its row
-                          bottom_right > bottom_left, bottom > top)   # True: bottom row won
+        if not self.training:
+            bracket_forward(x, y)
+            return y
+        won = tuple(xp.empty((n, c, oh, ow), dtype=bool) for _ in range(3))
+        bracket_forward(x, y, won)
+        self.cache = ("bracket", x.shape, won)
         return y
 
     def _backward_bracket(self, dy):
         xp = backend.array_module(dy)
-        _, (n, c, h, w), top_right_won, bottom_right_won, bottom_won = self.cache
+        _, (n, c, h, w), won = self.cache
         dx = xp.empty((n, c, h, w), dtype=dy.dtype)
         dx[:, :, 2 * (h // 2):] = 0                # the odd last row or column, if any
         dx[:, :, :, 2 * (w // 2):] = 0
-        d_bottom = dy * bottom_won                 # dy to the winning row ...
-        d_top = dy - d_bottom
-        oh, ow = dy.shape[2:]
-        for row, d_row, right_won in ((0, d_top, top_right_won), (1, d_bottom, bottom_right_won)):
-            right = dx[:, :, row:2 * oh:2, 1:2 * ow:2]     # ... then to the winning cell of that row
-            xp.multiply(d_row, right_won, out=right)
-            xp.subtract(d_row, right, out=dx[:, :, row:2 * oh:2, 0:2 * ow:2])
+        bracket_backward(dy, won, dx)
         return dx
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+# --- The 2x2, stride-2 knockout, on any (..., H, W) array --------------------------
+#
+# Functions rather than methods so that a fused pass (minicnn.layers.fused) can
+# pool one chunk of images in place. ``won`` holds three boolean arrays the shape
+# of y: right cell won the top row, right cell won the bottom row, bottom row won.
+
+def bracket_forward(x, y, won=None) -> None:
+    """y = the max of each 2x2 cell of x (an odd last row or column is in no cell);
+    if ``won`` is given, record the bracket's results in it."""
+    xp = backend.array_module(x)
+    oh, ow = y.shape[-2:]
+    top_left, top_right = x[..., 0:2 * oh:2, 0:2 * ow:2], x[..., 0:2 * oh:2, 1:2 * ow:2]
+    bottom_left, bottom_right = x[..., 1:2 * oh:2, 0:2 * ow:2], x[..., 1:2 * oh:2, 1:2 * ow:2]
+    top, bottom = xp.maximum(top_left, top_right), xp.maximum(bottom_left, bottom_right)
+    xp.maximum(top, bottom, out=y)
+    if won is not None:                     # a later cell wins only if strictly greater
+        top_right_won, bottom_right_won, bottom_won = won
+        xp.greater(top_right, top_left, out=top_right_won)
+        xp.greater(bottom_right, bottom_left, out=bottom_right_won)
+        xp.greater(bottom, top, out=bottom_won)
+
+
+def bracket_backward(dy, won, dx) -> None:
+    """Follow the bracket back: write dx[..., :2*OH, :2*OW] (each cell of it once)."""
+    xp = backend.array_module(dy)
+    top_right_won, bottom_right_won, bottom_won = won
+    oh, ow = dy.shape[-2:]
+    d_bottom = dy * bottom_won                 # dy to the winning row ...
+    d_top = dy - d_bottom
+    for row, d_row, right_won in ((0, d_top, top_right_won), (1, d_bottom, bottom_right_won)):
+        right = dx[..., row:2 * oh:2, 1:2 * ow:2]     # ... then to the winning cell of that row
+        xp.multiply(d_row, right_won, out=right)
+        xp.subtract(d_row, right, out=dx[..., row:2 * oh:2, 0:2 * ow:2])
 
 
 class GlobalAvgPool2d(Module):

@@ -1,0 +1,130 @@
+"""Conv2d -> ReLU -> 2x2 max-pool in one pass per chunk of images: a fast path of Sequential.
+
+lenet is two such runs. Layer by layer, each of the three writes its whole
+output to memory and the next reads it back; at batch 256 the first conv's
+output is 4.8 MB, more than the CPU's cache, so ReLU and pooling on it wait on
+memory (and run on one core). Here each worker thread takes a few images at a
+time and does all three while they sit in its cache::
+
+    grid = W @ cols + b           the conv on its flat OH x Wp grid (Conv2d.flat_forward)
+    m    = 2x2 max of grid        the knockout bracket of pooling.bracket_forward
+    y    = max(m, 0)              ReLU, after pooling: a quarter of the values
+
+ReLU and max commute: max(relu(a), relu(b)) = relu(max(a, b)), since ReLU
+never reorders values. Only y goes to memory, a quarter of the conv's output,
+with four boolean masks the size of y for backward: pooling's three bracket
+results, and ``positive = [y > 0]``.
+
+Backward, per chunk, the same steps in reverse::
+
+    d       = dy * positive       ReLU's slope
+    dY_grid = bracket back of d   0 in the grid's extra columns and in cells no window covers
+    dW, db, dx                    Conv2d.flat_backward(dY_grid)
+
+Layer by layer, pooling passes each window's gradient to its winning cell
+only, and ReLU then multiplies it by that cell's slope [conv output > 0],
+which is [y > 0]: y is the winner's value after ReLU. The bracket here
+compares values before ReLU, so where two cells are both <= 0 it may pick a
+different one of them than layer by layer (which sees two zeros, and takes
+the first); but then the window's gradient is 0 in both (positive is 0, or
+that pair lost to a positive cell), so the results are the same, bit for bit
+(the tests compare them, ties included).
+
+Sequential runs a Conv2d, ReLU, MaxPool2d(2) run this way when ``fuse`` is
+True (the default) and the conv takes its flat path for the input (stride 1,
+small products per image); otherwise the three layers run one by one.
+"""
+
+from __future__ import annotations
+
+from minicnn import backend, parallel
+from minicnn.layers.activation import ReLU
+from minicnn.layers.conv import Conv2d
+from minicnn.layers.pooling import MaxPool2d, bracket_backward, bracket_forward
+
+
+class ConvReluPool:
+    """One Conv2d, ReLU, MaxPool2d(2) run of a Sequential. Not a Module: it holds
+    no parameters of its own and writes the conv's grads."""
+
+    def __init__(self, conv: Conv2d, relu: ReLU, pool: MaxPool2d):
+        self.conv, self.relu, self.pool = conv, relu, pool
+        self.cache = None
+
+    @staticmethod
+    def fits(layers) -> bool:
+        """Whether three consecutive layers form a run this class can fuse."""
+        if len(layers) != 3:
+            return False
+        conv, relu, pool = layers
+        return (isinstance(conv, Conv2d) and isinstance(relu, ReLU)
+                and isinstance(pool, MaxPool2d) and pool.bracket)
+
+    def __repr__(self) -> str:
+        return f"ConvReluPool({self.conv!r}, {self.relu!r}, {self.pool!r})"
+
+    def forward(self, x):
+        conv, relu, pool = self.conv, self.relu, self.pool
+        conv.check_input(x)
+        oh, ow, _, _ = conv.geometry(x)
+        for layer in (conv, relu, pool):
+            layer.cache = None
+        if not conv.takes_flat_path(x) or oh < 2 or ow < 2:
+            self.cache = "layer by layer" if conv.training else None
+            return pool.forward(relu.forward(conv.forward(x)))
+        xp = backend.array_module(x)
+        x = xp.ascontiguousarray(x)
+        y = xp.empty((x.shape[0], conv.out_channels, oh // 2, ow // 2), dtype=x.dtype)
+        masks = tuple(xp.empty(y.shape, dtype=bool) for _ in range(4)) if conv.training else None
+
+        def chunk(part, worker):
+            grid = conv.flat_forward(x, part, worker)                 # (B, OC, OH, Wp)
+            if masks is None:
+                bracket_forward(grid, y[part])
+            else:
+                positive, *won = (mask[part] for mask in masks)
+                bracket_forward(grid, y[part], won)
+            xp.maximum(y[part], 0, out=y[part])                       # ReLU after pooling
+            if masks is not None:
+                xp.greater(y[part], 0, out=positive)
+
+        parallel.run_chunks(chunk, conv.chunks(x, flat=True), x)
+        self.cache = (x, masks) if conv.training else None
+        return y
+
+    def backward(self, dy):
+        conv, relu, pool = self.conv, self.relu, self.pool
+        if self.cache is None:
+            raise RuntimeError("ConvReluPool.backward needs a forward pass in training mode first")
+        if self.cache == "layer by layer":
+            return conv.backward(relu.backward(pool.backward(dy)))
+        x, masks = self.cache
+        xp = backend.array_module(dy)
+        dx = xp.empty_like(x) if conv.needs_input_grad else None
+        ph, pw = dy.shape[2:]
+
+        def chunk(part, worker):
+            positive, *won = (mask[part] for mask in masks)
+            d = dy[part] * positive
+            dy_grid = conv.flat_grid(x, part, worker)                 # (B, OC, OH, Wp)
+            dy_grid[..., 2 * ph:, :] = 0                              # cells no window covers,
+            dy_grid[..., :2 * ph, 2 * pw:] = 0                        # and the extra columns
+            bracket_backward(d, won, dy_grid)
+            return conv.flat_backward(x, dy_grid, dx, part, worker)
+
+        conv.store_grads(parallel.run_chunks(chunk, conv.chunks(x, flat=True), x))
+        return dx
+
+
+def plan(layers) -> list:
+    """The steps that run ``layers``: each Conv2d, ReLU, MaxPool2d(2) run becomes one
+    ConvReluPool, every other layer is its own step."""
+    steps, index = [], 0
+    while index < len(layers):
+        if ConvReluPool.fits(layers[index:index + 3]):
+            steps.append(ConvReluPool(*layers[index:index + 3]))
+            index += 3
+        else:
+            steps.append(layers[index])
+            index += 1
+    return steps
