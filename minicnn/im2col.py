@@ -142,3 +142,31 @@ def col2im_flat(dcols, x_pad_shape, kh: int, kw: int):
             shift = i * wp + j
             dx_pad[:, :, shift:shift + length] += dcols[:, :, i, j, :length]
     return dx_pad.reshape(n, c, hp, wp)
+
+
+def col2im_flat_rows(rows, x_pad_shape, kh: int, kw: int):
+    """:func:`col2im_flat` as one sum over a strided view instead of kh*kw shifted adds.
+
+    ``rows`` is (N, C*kh*kw, Hp*Wp): each row of dcols followed by zeros, so
+    rows[n, r, q] = dcols[n, r, q] for q < L and 0 for q >= L. Then
+    dx_pad_flat[n, c, q] = sum over (i, j) of rows[n, (c, i, j), q - (i*Wp + j)],
+    and that entry lies at
+
+        (n*C*kh*kw + c*kh*kw + i*kw + j) * Hp*Wp + q - i*Wp - j,
+
+    which is linear in (n, c, i, j, q): a single as_strided view. Where
+    q - (i*Wp + j) is out of [0, L), the address falls in the zeros after this
+    row or after the row before it (no window wraps further back than
+    (kh-1)*Wp + kw-1 = Hp*Wp - L, the length of those zeros; the first row has
+    shift 0), so it adds 0, as the shifted adds would have skipped it.
+    """
+    xp = backend.array_module(rows)
+    n, c, hp, wp = x_pad_shape
+    r = hp * wp
+    if rows.shape != (n, c * kh * kw, r) or not rows.flags.c_contiguous:
+        raise ValueError(f"col2im_flat_rows needs C-contiguous rows of shape "
+                         f"{(n, c * kh * kw, r)}, got {tuple(rows.shape)}")
+    steps = (c * kh * kw * r, kh * kw * r, kw * r - wp, r - 1, 1)     # n, c, i, j, q
+    view = xp.lib.stride_tricks.as_strided(rows, (n, c, kh, kw, r),
+                                           tuple(rows.itemsize * step for step in steps))
+    return view.sum(axis=(2, 3)).reshape(n, c, hp, wp)

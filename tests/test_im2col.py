@@ -1,6 +1,6 @@
 """im2col against a per-pixel reference loop; col2im is its exact adjoint.
 
-The same for the stride-1 flat versions (im2col_flat, col2im_flat).
+The same for the stride-1 flat versions (im2col_flat, col2im_flat, col2im_flat_rows).
 """
 
 from __future__ import annotations
@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from minicnn import backend
-from minicnn.im2col import col2im, col2im_flat, im2col, im2col_flat, output_size
+from minicnn.im2col import (
+    col2im,
+    col2im_flat,
+    col2im_flat_rows,
+    im2col,
+    im2col_flat,
+    output_size,
+)
 
 CASES = [(5, 5, 1, 0), (3, 3, 2, 1), (1, 1, 1, 0), (2, 3, 2, 0), (3, 3, 1, 2)]
 
@@ -89,6 +96,26 @@ def test_col2im_flat_is_the_adjoint_of_im2col_flat(xp, kh, kw):
     lhs = float((cols * c).sum())
     rhs = float((x * col2im_flat(c, x.shape, kh, kw)).sum())
     assert lhs == pytest.approx(rhs, rel=1e-12)
+
+
+@pytest.mark.parametrize("kh,kw", FLAT_CASES)
+def test_col2im_flat_rows_matches_col2im_flat(xp, kh, kw):
+    """The one strided sum against the kh*kw shifted adds, on rows padded with zeros."""
+    rng = backend.make_rng(1)
+    x_shape = (2, 3, 7, 6)
+    n, c, hp, wp = x_shape
+    oh, ow = hp - kh + 1, wp - kw + 1
+    length = (oh - 1) * wp + ow
+    dcols = rng.standard_normal((n, c * kh * kw, oh * wp))
+    rows = xp.zeros((n, c * kh * kw, hp * wp))
+    rows[..., :length] = dcols[..., :length]
+    np.testing.assert_allclose(backend.to_host(col2im_flat_rows(rows, x_shape, kh, kw)),
+                               backend.to_host(col2im_flat(dcols, x_shape, kh, kw)), rtol=1e-12)
+
+
+def test_col2im_flat_rows_refuses_rows_of_the_wrong_length(xp):
+    with pytest.raises(ValueError, match="rows of shape"):
+        col2im_flat_rows(xp.zeros((1, 9, 12)), (1, 1, 5, 5), 3, 3)
 
 
 def test_im2col_flat_refuses_a_view_it_cannot_read_by_offsets(xp):

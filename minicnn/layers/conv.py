@@ -27,7 +27,8 @@ whole batch at once. The default fast version computes the same thing:
   is one shifted slice of the flattened padded image, so cols is a single
   strided copy. The outputs then come on a grid of OH x Wp instead of
   OH x OW; the extra columns are cropped from Y, get dY = 0 in backward, and
-  so change neither dW nor dx.
+  so change neither dW nor dx. col2im is then one sum over a strided view
+  (:func:`~minicnn.im2col.col2im_flat_rows`) instead of kh*kw shifted adds.
 - backward recomputes a chunk's cols from x instead of keeping all of them
   from forward: the copy is cheaper than reading them back from memory, and
   training keeps only x (as PyTorch does).
@@ -40,7 +41,14 @@ The tests check that the fast and plain versions agree.
 from __future__ import annotations
 
 from minicnn import backend, parallel
-from minicnn.im2col import col2im, col2im_flat, im2col, im2col_flat, output_size, pad_hw
+from minicnn.im2col import (
+    col2im,
+    col2im_flat_rows,
+    im2col,
+    im2col_flat,
+    output_size,
+    pad_hw,
+)
 from minicnn.layers.base import Module
 from minicnn.layers.init import kaiming_uniform_params
 
@@ -252,9 +260,12 @@ class Conv2d(Module):
         cols = im2col_flat(x_pad, kh, kw,
                            out=self._cols_buffer(x, part, worker, flat=True))    # recomputed
         dy_grid = dy_grid.reshape(b, self.out_channels, -1)                      # (B, OC, OH*Wp)
-        if dx is not None:
-            dcols = weight.T @ dy_grid                                         # (B, C*kh*kw, OH*Wp)
-            dx[part] = col2im_flat(dcols, x_pad.shape, kh, kw)[:, :, p:p + h, p:p + w]
+        if dx is not None:      # dcols = W.T @ dY, in rows padded with zeros for col2im_flat_rows
+            hp, wp = x_pad.shape[2:]
+            rows = self._buffer("dcols", worker, (b, weight.shape[1], hp * wp), dy_grid)
+            rows[..., dy_grid.shape[2]:] = 0
+            backend.array_module(dy_grid).matmul(weight.T, dy_grid, out=rows[..., :dy_grid.shape[2]])
+            dx[part] = col2im_flat_rows(rows, x_pad.shape, kh, kw)[:, :, p:p + h, p:p + w]
         # dW = sum over images of dY_n @ cols_n.T, computed as (cols_n @ dY_n.T).T: BLAS
         # is faster at this shape with the long axis inside
         d_weight = (cols @ dy_grid.transpose(0, 2, 1)).sum(axis=0).T
