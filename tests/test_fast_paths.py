@@ -10,6 +10,8 @@ after a ReLU); PyTorch does the same.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -74,6 +76,22 @@ def test_run_chunks_does_every_part_once_and_keeps_order(threads):
     assert results == list(range(10))
     assert sorted(start for start, _ in seen) == list(range(10))
     assert {worker for _, worker in seen} <= set(range(threads))
+
+
+def test_run_chunks_raises_a_workers_error_and_keeps_working(threads):
+    """With several threads, the calling thread dawdles so that a helper likely meets
+    the bad chunk; either way its error reaches the caller."""
+    def work(part, worker):
+        if worker == 0:
+            time.sleep(0.002)
+        if part.start == 5:
+            raise ArithmeticError("chunk 5 failed")
+        return part.start
+
+    parts = [slice(i, i + 1) for i in range(10)]
+    with pytest.raises(ArithmeticError, match="chunk 5"):
+        parallel.run_chunks(work, parts, np.zeros(1))
+    assert parallel.run_chunks(lambda part, worker: part.start, parts, np.zeros(1)) == list(range(10))
 
 
 def test_set_workers_rejects_zero():
