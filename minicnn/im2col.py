@@ -96,7 +96,7 @@ def col2im(cols, x_shape, kh: int, kw: int, stride: int = 1, padding: int = 0):
 # add nothing to dW or dx. The last row's extra columns would read past the image:
 # their cols are set to 0 instead.
 
-def im2col_flat(x_pad, kh: int, kw: int, out=None):
+def im2col_flat(x_pad, kh: int, kw: int, out=None, tails_are_zero: bool = False):
     """Stride-1 im2col of an already padded, C-contiguous (N, C, Hp, Wp) array.
 
     Returns one cols matrix per image, shape (N, C*kh*kw, OH*Wp)::
@@ -105,7 +105,8 @@ def im2col_flat(x_pad, kh: int, kw: int, out=None):
 
     for q < L = (OH-1)*Wp + OW, and 0 for the last row's extra columns q >= L.
     The largest index read is L-1 + (kh-1)*Wp + kw-1 = Hp*Wp - 1: every read
-    stays inside its own image.
+    stays inside its own image. ``tails_are_zero``: ``out`` already holds 0 in
+    those last columns (a buffer kept for this), so they are not written again.
     """
     xp = backend.array_module(x_pad)
     n, c, hp, wp = x_pad.shape
@@ -121,7 +122,8 @@ def im2col_flat(x_pad, kh: int, kw: int, out=None):
     cols = xp.empty(count, x_pad.dtype) if out is None else out.reshape(-1)[:count]
     cols = cols.reshape(n, c, kh, kw, oh * wp)
     cols[..., :length] = shifted
-    cols[..., length:] = 0
+    if not tails_are_zero:
+        cols[..., length:] = 0
     return cols.reshape(n, c * kh * kw, oh * wp)
 
 

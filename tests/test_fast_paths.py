@@ -67,6 +67,17 @@ def test_conv_reuses_its_scratch_buffers_across_calls(xp):
     np.testing.assert_array_equal(backend.to_host(first), backend.to_host(second))
 
 
+def test_a_zeroed_scratch_buffer_is_remade_for_a_new_image_layout(xp):
+    """The flat path relies on it: cells a user never writes stay 0, and a buffer
+    written for one image size is not handed out for another."""
+    conv, like = Conv2d(1, 1, 1), xp.zeros(1, dtype=xp.float32)
+    first = conv._buffer("test", 0, (2, 3), like, zeroed=True)
+    assert not first.any()
+    first[...] = 5
+    assert (conv._buffer("test", 0, (1, 3), like, zeroed=True) == 5).all()   # same layout: kept
+    assert not conv._buffer("test", 0, (2, 4), like, zeroed=True).any()       # new layout: zeros
+
+
 def test_run_chunks_does_every_part_once_and_keeps_order(threads):
     seen = []
     parts = [slice(i, i + 1) for i in range(10)]
@@ -146,6 +157,23 @@ def test_maxpool_bracket_matches_the_general_path(xp, shape, ties):
                                   backend.to_host(general.backward(dy)))
 
 
+def test_flat_conv_keeps_working_when_the_input_size_changes(xp, threads):
+    """Its scratch buffers with zeros kept in place are remade for a new image size."""
+    rng = backend.make_rng(6)
+    fast = Conv2d(2, 3, 3).astype(xp.float64)
+    plain = Conv2d(2, 3, 3)
+    plain.params, plain.chunk_images = fast.params, None
+    for hw in [(9, 9), (6, 11), (9, 9), (5, 4)]:
+        x = rng.standard_normal((5, 2, *hw))
+        y_fast, y_plain = fast.forward(x), plain.forward(x)
+        dy = rng.standard_normal(y_plain.shape)
+        np.testing.assert_allclose(backend.to_host(y_fast), backend.to_host(y_plain), rtol=1e-12)
+        np.testing.assert_allclose(backend.to_host(fast.backward(dy)),
+                                   backend.to_host(plain.backward(dy)), rtol=1e-12)
+        np.testing.assert_allclose(backend.to_host(fast.grads["weight"]),
+                                   backend.to_host(plain.grads["weight"]), rtol=1e-12)
+
+
 def test_conv_reads_a_mirrored_view_correctly(xp):
     """Test-time flips hand Conv2d x[..., ::-1], a view with a negative stride."""
     x = backend.make_rng(5).standard_normal((3, 2, 8, 8))
@@ -214,7 +242,15 @@ def test_fused_run_matches_layer_by_layer(xp, threads, dtype, shape, ties, needs
     plain.fuse = False
     fused.needs_input_grad = plain.needs_input_grad = needs_dx
     assert isinstance(fused.steps()[0], ConvReluPool) and isinstance(fused.steps()[1], ConvReluPool)
-    assert_same_results(forward_backward(fused, x), forward_backward(plain, x))
+    first = forward_backward(fused, x)
+    expected = forward_backward(plain, x)
+    assert_same_results(first, expected)
+    # Again, after each conv ran on its own with a dy that is nonzero everywhere: the
+    # cells of its scratch grid that the fused pass never writes must still be 0.
+    for conv in fused.layers[0], fused.layers[3]:
+        y = conv.forward(x if conv is fused.layers[0] else conv.cache)
+        conv.backward(rng.standard_normal(y.shape).astype(dtype) + 1)
+    assert_same_results(forward_backward(fused, x), expected)
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -103,23 +103,32 @@ class Conv2d(Module):
         oh, ow, _, wp = self.geometry(x)
         return self.in_channels * kh * kw * (oh * wp if flat else oh * ow)
 
-    def _buffer(self, what: str, worker: int, shape, like):
-        """Scratch space of ``shape`` for one chunk (cols, the output grid), kept between
-        calls, one per worker thread: allocating it afresh for every chunk costs page
-        faults that can take longer than the work itself. Returns an uninitialised view."""
-        size = 1
+    def _buffer(self, what: str, worker: int, shape, like, zeroed: bool = False):
+        """Scratch space of ``shape`` = (images of a chunk, ...), kept between calls, one
+        per worker thread: allocating it afresh for every chunk costs page faults that
+        can take longer than the work itself. Returns an uninitialised view.
+
+        ``zeroed``: the buffer was zeros when made and is kept only for this layout of
+        an image, so the entries that its one user never writes stay 0 from call to
+        call (the flat cols' last columns, a dY grid's extra columns): cheaper than
+        writing those zeros on every call."""
+        size, layout = 1, tuple(shape[1:])
         for length in shape:
             size *= length
-        buffer = self._scratch.get((what, worker))
-        if buffer is None or buffer.size < size or buffer.dtype != like.dtype \
-                or backend.on_cpu(buffer) != backend.on_cpu(like):
-            buffer = backend.array_module(like).empty(size, like.dtype)
-            self._scratch[(what, worker)] = buffer
+        buffer, made_for = self._scratch.get((what, worker), (None, None))
+        if (buffer is None or buffer.size < size or buffer.dtype != like.dtype
+                or backend.on_cpu(buffer) != backend.on_cpu(like)
+                or (zeroed and made_for != layout)):
+            xp = backend.array_module(like)
+            buffer = xp.zeros(size, like.dtype) if zeroed else xp.empty(size, like.dtype)
+            self._scratch[(what, worker)] = buffer, layout
         return buffer[:size].reshape(shape)
 
     def _cols_buffer(self, x, part, worker: int, flat: bool):
-        count = self._cols_per_image(x, flat) * (part.stop - part.start)
-        return self._buffer("cols", worker, (count,), x)
+        """cols of the images ``part``; the flat one's last columns stay 0 (im2col_flat)."""
+        count = self._cols_per_image(x, flat)
+        return self._buffer("flat cols" if flat else "cols", worker,
+                            (part.stop - part.start, count), x, zeroed=flat)
 
     def chunks(self, x, flat: bool):
         """Slices of the batch whose cols take about CHUNK_BYTES each (one for the plain
@@ -223,26 +232,30 @@ class Conv2d(Module):
 
     def _backward_flat(self, x, dy, dx, part, worker):
         ow = self.geometry(x)[1]
-        dy_grid = self.flat_grid(x, part, worker)
-        dy_grid[..., ow:] = 0                                                   # the extra columns
+        dy_grid = self.flat_grid(x, part, worker, "dy grid")     # 0 in the extra columns
         dy_grid[..., :ow] = dy[part]
         return self.flat_backward(x, dy_grid, dx, part, worker)
 
     # The parts of the flat version, also used by the fused pass of
     # minicnn.layers.fused, which works on the grid between forward and backward.
 
-    def flat_grid(self, x, part, worker):
+    def flat_grid(self, x, part, worker, what: str = "grid"):
         """This worker's scratch grid for the images ``part`` of x: (B, OC, OH, Wp),
-        uninitialised, valid until the worker's next call."""
+        valid until the worker's next call with the same ``what``. "grid" (the output
+        of flat_forward) is uninitialised; any other name gives a grid that was zeros
+        when made and that only that name's user writes: the cells it never writes
+        (the extra columns, for dY) stay 0."""
         oh, _, _, wp = self.geometry(x)
-        return self._buffer("grid", worker, (part.stop - part.start, self.out_channels, oh, wp), x)
+        return self._buffer(what, worker, (part.stop - part.start, self.out_channels, oh, wp), x,
+                            zeroed=what != "grid")
 
     def flat_forward(self, x, part, worker):
         """W @ cols + b for the images ``part`` of x, on the OH x Wp grid (flat_grid)."""
         kh, kw = self.kernel_size
         weight = self.params["weight"].reshape(self.out_channels, -1)          # (OC, C*kh*kw)
         x_pad = pad_hw(x[part], self.padding)
-        cols = im2col_flat(x_pad, kh, kw, out=self._cols_buffer(x, part, worker, flat=True))
+        cols = im2col_flat(x_pad, kh, kw, out=self._cols_buffer(x, part, worker, flat=True),
+                           tails_are_zero=True)
         grid = self.flat_grid(x, part, worker)
         b, oc, oh, wp = grid.shape
         backend.array_module(x).matmul(weight, cols, out=grid.reshape(b, oc, oh * wp))
@@ -257,13 +270,13 @@ class Conv2d(Module):
         b = part.stop - part.start
         weight = self.params["weight"].reshape(self.out_channels, -1)
         x_pad = pad_hw(x[part], p)
-        cols = im2col_flat(x_pad, kh, kw,
-                           out=self._cols_buffer(x, part, worker, flat=True))    # recomputed
+        cols = im2col_flat(x_pad, kh, kw, out=self._cols_buffer(x, part, worker, flat=True),
+                           tails_are_zero=True)                                # recomputed
         dy_grid = dy_grid.reshape(b, self.out_channels, -1)                      # (B, OC, OH*Wp)
         if dx is not None:      # dcols = W.T @ dY, in rows padded with zeros for col2im_flat_rows
             hp, wp = x_pad.shape[2:]
-            rows = self._buffer("dcols", worker, (b, weight.shape[1], hp * wp), dy_grid)
-            rows[..., dy_grid.shape[2]:] = 0
+            rows = self._buffer("dcols", worker, (b, weight.shape[1], hp * wp), dy_grid,
+                                zeroed=True)                           # only [..., :OH*Wp] written
             backend.array_module(dy_grid).matmul(weight.T, dy_grid, out=rows[..., :dy_grid.shape[2]])
             dx[part] = col2im_flat_rows(rows, x_pad.shape, kh, kw)[:, :, p:p + h, p:p + w]
         # dW = sum over images of dY_n @ cols_n.T, computed as (cols_n @ dY_n.T).T: BLAS

@@ -101,15 +101,13 @@ class ConvReluPool:
         x, masks = self.cache
         xp = backend.array_module(dy)
         dx = xp.empty_like(x) if conv.needs_input_grad else None
-        ph, pw = dy.shape[2:]
 
         def chunk(part, worker):
             positive, *won = (mask[part] for mask in masks)
             d = dy[part] * positive
-            dy_grid = conv.flat_grid(x, part, worker)                 # (B, OC, OH, Wp)
-            dy_grid[..., 2 * ph:, :] = 0                              # cells no window covers,
-            dy_grid[..., :2 * ph, 2 * pw:] = 0                        # and the extra columns
-            bracket_backward(d, won, dy_grid)
+            dy_grid = conv.flat_grid(x, part, worker, "pooled dy grid")   # (B, OC, OH, Wp)
+            bracket_backward(d, won, dy_grid)      # writes the cells of the 2x2 windows; the
+                                                   # rest of this grid is never written: 0
             return conv.flat_backward(x, dy_grid, dx, part, worker)
 
         conv.store_grads(parallel.run_chunks(chunk, conv.chunks(x, flat=True), x))
