@@ -22,6 +22,8 @@ job is one put, about a tenth of what a ThreadPoolExecutor's submit and
 Future cost (3% of a lenet training step at batch 64).
 
 On CuPy everything runs in the calling thread: the GPU is already parallel.
+One model at a time: the helper threads and the layers' scratch buffers are
+shared, so minicnn must not be called from several threads at once.
 The number of workers is :func:`workers`: ``MINICNN_THREADS`` if set, else
 the number of CPUs this process may use; :func:`set_workers` changes it.
 """

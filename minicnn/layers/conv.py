@@ -33,7 +33,9 @@ whole batch at once. The default fast version computes the same thing:
   from forward: the copy is cheaper than reading them back from memory, and
   training keeps only x (as PyTorch does).
 - the chunks are shared out among worker threads, one per core
-  (:mod:`minicnn.parallel`); each thread has its own cols buffer.
+  (:mod:`minicnn.parallel`). Each thread has its own scratch buffers (cols,
+  the output grid), kept from call to call and shared by all conv layers;
+  only buffers that must keep zeros in place belong to one layer (_buffer).
 
 The tests check that the fast and plain versions agree.
 """
@@ -54,6 +56,7 @@ from minicnn.layers.init import kaiming_uniform_params
 
 CHUNK_BYTES = 4 * 2**20        # target size of one chunk's cols, see the module docstring
 FLAT_PRODUCT_MACS = 2**20      # largest product per image for the flat version (docstring)
+_SHARED_SCRATCH: dict = {}     # (what, worker) -> (buffer, layout) for every Conv2d, see _buffer
 
 
 def _pair(value) -> tuple[int, int]:
@@ -82,7 +85,7 @@ class Conv2d(Module):
                                              fan_in=in_channels * kh * kw, bias=bias)
         self.chunk_images = "auto"
         self.cache = None
-        self._scratch: dict = {}          # (what, worker thread) -> its buffer, see _buffer
+        self._scratch: dict = {}          # (what, worker) -> (buffer, layout), see _buffer
 
     def geometry(self, x):
         """(OH, OW) of the output, and Hp, Wp of the padded input."""
@@ -103,25 +106,35 @@ class Conv2d(Module):
         oh, ow, _, wp = self.geometry(x)
         return self.in_channels * kh * kw * (oh * wp if flat else oh * ow)
 
+    def _scratch_per_image(self, x, flat: bool) -> int:
+        """Entries of the largest scratch array per image: cols, or for the flat version
+        the output grid if that is larger (more output than input channels x kh x kw)."""
+        oh, _, _, wp = self.geometry(x)
+        cols = self._cols_per_image(x, flat)
+        return max(cols, self.out_channels * oh * wp) if flat else cols
+
     def _buffer(self, what: str, worker: int, shape, like, zeroed: bool = False):
         """Scratch space of ``shape`` = (images of a chunk, ...), kept between calls, one
         per worker thread: allocating it afresh for every chunk costs page faults that
         can take longer than the work itself. Returns an uninitialised view.
 
-        ``zeroed``: the buffer was zeros when made and is kept only for this layout of
-        an image, so the entries that its one user never writes stay 0 from call to
-        call (the flat cols' last columns, a dY grid's extra columns): cheaper than
-        writing those zeros on every call."""
+        Plain scratch space is shared by all Conv2d layers (_SHARED_SCRATCH): they run
+        one after the other, and a chunk is done with it before the next begins.
+        ``zeroed``: this layer's own buffer, zeros when made and kept only for this
+        layout of an image, so the entries that its one user never writes stay 0 from
+        call to call (the flat cols' last columns, a dY grid's extra columns): cheaper
+        than writing those zeros on every call."""
         size, layout = 1, tuple(shape[1:])
         for length in shape:
             size *= length
-        buffer, made_for = self._scratch.get((what, worker), (None, None))
+        store = self._scratch if zeroed else _SHARED_SCRATCH
+        buffer, made_for = store.get((what, worker), (None, None))
         if (buffer is None or buffer.size < size or buffer.dtype != like.dtype
                 or backend.on_cpu(buffer) != backend.on_cpu(like)
                 or (zeroed and made_for != layout)):
             xp = backend.array_module(like)
             buffer = xp.zeros(size, like.dtype) if zeroed else xp.empty(size, like.dtype)
-            self._scratch[(what, worker)] = buffer, layout
+            store[(what, worker)] = buffer, layout
         return buffer[:size].reshape(shape)
 
     def _cols_buffer(self, x, part, worker: int, flat: bool):
@@ -137,7 +150,7 @@ class Conv2d(Module):
         if self.chunk_images is None:
             size = n
         elif self.chunk_images == "auto":
-            size = max(1, CHUNK_BYTES // (self._cols_per_image(x, flat) * x.dtype.itemsize))
+            size = max(1, CHUNK_BYTES // (self._scratch_per_image(x, flat) * x.dtype.itemsize))
             count = -(-n // size)                                # ceil(n / size)
             threads = parallel.workers() if backend.on_cpu(x) else 1
             count = -(-count // threads) * threads
