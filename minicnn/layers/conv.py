@@ -145,7 +145,9 @@ class Conv2d(Module):
 
     def chunks(self, x, flat: bool):
         """Slices of the batch whose cols take about CHUNK_BYTES each (one for the plain
-        version), as many as a multiple of the worker threads so that they share evenly."""
+        version), as many as a multiple of the worker threads so that they share evenly,
+        and with several threads at least two each: a helper thread starts tens of
+        microseconds after the caller, and with one chunk each the caller would wait."""
         n = x.shape[0]
         if self.chunk_images is None:
             size = n
@@ -154,6 +156,8 @@ class Conv2d(Module):
             count = -(-n // size)                                # ceil(n / size)
             threads = parallel.workers() if backend.on_cpu(x) else 1
             count = -(-count // threads) * threads
+            if threads > 1:
+                count = max(count, 2 * threads)
             size = -(-n // count)
         else:
             size = int(self.chunk_images)
