@@ -42,6 +42,8 @@ The tests check that the fast and plain versions agree.
 
 from __future__ import annotations
 
+import math
+
 from minicnn import backend, parallel
 from minicnn.im2col import (
     col2im,
@@ -124,9 +126,7 @@ class Conv2d(Module):
         layout of an image, so the entries that its one user never writes stay 0 from
         call to call (the flat cols' last columns, a dY grid's extra columns): cheaper
         than writing those zeros on every call."""
-        size, layout = 1, tuple(shape[1:])
-        for length in shape:
-            size *= length
+        size, layout = math.prod(shape), tuple(shape[1:])
         store = self._scratch if zeroed else _SHARED_SCRATCH
         buffer, made_for = store.get((what, worker), (None, None))
         if (buffer is None or buffer.size < size or buffer.dtype != like.dtype
