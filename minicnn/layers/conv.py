@@ -137,11 +137,17 @@ class Conv2d(Module):
             store[(what, worker)] = buffer, layout
         return buffer[:size].reshape(shape)
 
-    def _cols_buffer(self, x, part, worker: int, flat: bool):
-        """cols of the images ``part``; the flat one's last columns stay 0 (im2col_flat)."""
+    def _cols(self, x, part, worker: int, flat: bool):
+        """cols of the images ``part`` of x, in this worker's buffer: im2col (plain), or
+        im2col_flat, whose last columns stay 0 in a buffer kept for that."""
+        kh, kw = self.kernel_size
         count = self._cols_per_image(x, flat)
-        return self._buffer("flat cols" if flat else "cols", worker,
-                            (part.stop - part.start, count), x, zeroed=flat)
+        out = self._buffer("flat cols" if flat else "cols", worker,
+                           (part.stop - part.start, count), x, zeroed=flat)
+        if flat:
+            return im2col_flat(pad_hw(x[part], self.padding), kh, kw, out=out,
+                               tails_are_zero=True)               # (B, C*kh*kw, OH*Wp)
+        return im2col(x[part], kh, kw, self.stride, self.padding, out=out)   # (C*kh*kw, B*OH*OW)
 
     def chunks(self, x, flat: bool):
         """Slices of the batch whose cols take about CHUNK_BYTES each (one for the plain
@@ -216,11 +222,9 @@ class Conv2d(Module):
     # One chunk of images, the plain formulas: cols (C*kh*kw, B*OH*OW) --------------
 
     def _forward_im2col(self, x, y, part, worker):
-        kh, kw = self.kernel_size
         oh, ow, _, _ = self.geometry(x)
         weight = self.params["weight"].reshape(self.out_channels, -1)          # (OC, C*kh*kw)
-        cols = im2col(x[part], kh, kw, self.stride, self.padding,
-                      out=self._cols_buffer(x, part, worker, flat=False))
+        cols = self._cols(x, part, worker, flat=False)
         y_mat = weight @ cols                                                   # (OC, B*OH*OW)
         maps = y_mat.reshape(self.out_channels, -1, oh, ow).transpose(1, 0, 2, 3)
         self._add_bias(maps, y[part])
@@ -228,8 +232,7 @@ class Conv2d(Module):
     def _backward_im2col(self, x, dy, dx, part, worker):
         kh, kw = self.kernel_size
         weight = self.params["weight"].reshape(self.out_channels, -1)
-        cols = im2col(x[part], kh, kw, self.stride, self.padding,
-                      out=self._cols_buffer(x, part, worker, flat=False))   # recomputed
+        cols = self._cols(x, part, worker, flat=False)                         # recomputed
         dy_mat = dy[part].transpose(1, 0, 2, 3).reshape(self.out_channels, -1)  # (OC, B*OH*OW)
         if dx is not None:
             dx[part] = col2im(weight.T @ dy_mat, x[part].shape, kh, kw, self.stride, self.padding)
@@ -268,11 +271,8 @@ class Conv2d(Module):
 
     def flat_forward(self, x, part, worker):
         """W @ cols + b for the images ``part`` of x, on the OH x Wp grid (flat_grid)."""
-        kh, kw = self.kernel_size
         weight = self.params["weight"].reshape(self.out_channels, -1)          # (OC, C*kh*kw)
-        x_pad = pad_hw(x[part], self.padding)
-        cols = im2col_flat(x_pad, kh, kw, out=self._cols_buffer(x, part, worker, flat=True),
-                           tails_are_zero=True)
+        cols = self._cols(x, part, worker, flat=True)
         grid = self.flat_grid(x, part, worker)
         b, oc, oh, wp = grid.shape
         backend.array_module(x).matmul(weight, cols, out=grid.reshape(b, oc, oh * wp))
@@ -284,18 +284,17 @@ class Conv2d(Module):
         the extra columns: writes dx[part] (if dx is not None), returns this chunk's (dW, db)."""
         kh, kw = self.kernel_size
         h, w, p = x.shape[2], x.shape[3], self.padding
+        _, _, hp, wp = self.geometry(x)
         b = part.stop - part.start
         weight = self.params["weight"].reshape(self.out_channels, -1)
-        x_pad = pad_hw(x[part], p)
-        cols = im2col_flat(x_pad, kh, kw, out=self._cols_buffer(x, part, worker, flat=True),
-                           tails_are_zero=True)                                # recomputed
+        cols = self._cols(x, part, worker, flat=True)                          # recomputed
         dy_grid = dy_grid.reshape(b, self.out_channels, -1)                      # (B, OC, OH*Wp)
         if dx is not None:      # dcols = W.T @ dY, in rows padded with zeros for col2im_flat_rows
-            hp, wp = x_pad.shape[2:]
             rows = self._buffer("dcols", worker, (b, weight.shape[1], hp * wp), dy_grid,
                                 zeroed=True)                           # only [..., :OH*Wp] written
             backend.array_module(dy_grid).matmul(weight.T, dy_grid, out=rows[..., :dy_grid.shape[2]])
-            dx[part] = col2im_flat_rows(rows, x_pad.shape, kh, kw)[:, :, p:p + h, p:p + w]
+            dx_pad = col2im_flat_rows(rows, (b, self.in_channels, hp, wp), kh, kw)
+            dx[part] = dx_pad[:, :, p:p + h, p:p + w]
         # dW = sum over images of dY_n @ cols_n.T, computed as (cols_n @ dY_n.T).T: BLAS
         # is faster at this shape with the long axis inside
         d_weight = (cols @ dy_grid.transpose(0, 2, 1)).sum(axis=0).T
