@@ -57,6 +57,33 @@ def test_chunked_conv_matches_plain(xp, threads, monkeypatch, k, stride, padding
         assert dx_fast is None
 
 
+def test_a_backward_that_computes_dx_counts_its_dcols_rows_in_the_chunk_size(xp, threads,
+                                                                          monkeypatch):
+    """A flat backward with dx holds cols and the padded dcols rows at once, so its
+    chunks are smaller than forward's; the results do not depend on the chunks."""
+    x = backend.make_rng(3).standard_normal((24, 6, 14, 14))
+    plain = Conv2d(6, 16, 5).astype(xp.float64)
+    plain.chunk_images = None
+    fast = Conv2d(6, 16, 5)
+    fast.params = dict(plain.params)
+    itemsize = x.dtype.itemsize
+    per_image_forward = (150 * 140) * itemsize             # cols: C*kh*kw x OH*Wp
+    per_image_dx = per_image_forward + (150 * 14 * 14) * itemsize   # + rows: C*kh*kw x Hp*Wp
+    monkeypatch.setattr(conv_module, "CHUNK_BYTES", 4 * per_image_forward)
+    forward_parts, dx_parts = fast.chunks(x, flat=True), fast.chunks(x, flat=True, dx=True)
+    assert len(dx_parts) > len(forward_parts)
+    assert max(p.stop - p.start for p in dx_parts) * per_image_dx <= conv_module.CHUNK_BYTES
+    assert [i for p in dx_parts for i in range(p.start, p.stop)] == list(range(24))
+    y = plain.forward(x)
+    dy = backend.make_rng(4).standard_normal(y.shape)
+    np.testing.assert_allclose(backend.to_host(fast.forward(x)), backend.to_host(y), rtol=1e-12)
+    np.testing.assert_allclose(backend.to_host(fast.backward(dy)),
+                               backend.to_host(plain.backward(dy)), rtol=1e-12)
+    for key in plain.grads:
+        np.testing.assert_allclose(backend.to_host(fast.grads[key]),
+                                   backend.to_host(plain.grads[key]), rtol=1e-12)
+
+
 def test_conv_reuses_its_scratch_buffers_across_calls(xp):
     conv = Conv2d(3, 2, 3)
     x = backend.make_rng(0).standard_normal((4, 3, 6, 6)).astype(xp.float32)

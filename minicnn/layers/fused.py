@@ -110,7 +110,8 @@ class ConvReluPool:
                                                    # rest of this grid is never written: 0
             return conv.flat_backward(x, dy_grid, dx, part, worker)
 
-        conv.store_grads(parallel.run_chunks(chunk, conv.chunks(x, flat=True), x))
+        parts = conv.chunks(x, flat=True, dx=dx is not None)
+        conv.store_grads(parallel.run_chunks(chunk, parts, x))
         return dx
 
 
