@@ -3,6 +3,7 @@
     python benchmarks/bench_cpu.py                    # every registered model
     python benchmarks/bench_cpu.py --models lenet --rounds 9
     python benchmarks/bench_cpu.py --profile          # time per layer, forward and backward
+    python benchmarks/bench_cpu.py --threads 1        # both engines on one thread
 
 What is timed, on random float32 data of shape (N, 3, 32, 32):
 
@@ -38,7 +39,7 @@ import time
 
 import numpy as np
 
-from minicnn import models
+from minicnn import models, parallel
 from minicnn.layers import Sequential
 from minicnn.layers.fused import ConvReluPool
 from minicnn.losses import SoftmaxCrossEntropy
@@ -228,6 +229,17 @@ def profile(name: str, batch_size: int, steps: int) -> None:
 
 # --- main ----------------------------------------------------------------------------
 
+def use_threads(count: int) -> None:
+    """Both engines on ``count`` threads, here and in the memory children: minicnn's
+    workers and NumPy's BLAS, and PyTorch's intra-op threads (read when torch is
+    first imported, which is after this)."""
+    for variable in ("MINICNN_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[variable] = str(count)
+    parallel.set_workers(count)
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=count, user_api="blas")
+
+
 def thread_report() -> str:
     parts = [f"numpy {np.__version__}"]
     try:
@@ -252,6 +264,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.5,
                         help="approximate length of one engine's block in a round")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="run both engines on N threads (default: minicnn's and PyTorch's "
+                             "own defaults, one per CPU)")
     parser.add_argument("--profile", action="store_true",
                         help="print time per layer (forward, backward) instead")
     parser.add_argument("--profile-steps", type=int, default=50)
@@ -262,6 +277,10 @@ def main() -> None:
         engine, name, mode, batch_size = args.memory_child
         memory_child(engine, name, mode, int(batch_size))
         return
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads needs at least 1, got {args.threads}")
+        use_threads(args.threads)
     print(thread_report())
     if args.profile:
         for name in args.models:

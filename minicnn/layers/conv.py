@@ -20,7 +20,7 @@ whole batch at once. The default fast version computes the same thing:
   product; the whole batch's cols would not (75x the input for lenet's first
   layer: 60 MB at batch 256). A flat backward that computes dx also holds
   dcols, so its chunks count both (lenet's second layer at batch 256: 14
-  chunks instead of 6; a training step at batch 256 took 4-8% less time).
+  chunks instead of 6).
 - with stride 1 and few channels (lenet's layers), by
   :func:`~minicnn.im2col.im2col_flat`, one small matrix product per image
   (at most FLAT_PRODUCT_MACS multiply-adds: BLAS has fast kernels for small
