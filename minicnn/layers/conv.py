@@ -111,16 +111,17 @@ class Conv2d(Module):
         return self.in_channels * kh * kw * (oh * wp if flat else oh * ow)
 
     def _scratch_per_image(self, x, flat: bool, dx: bool = False) -> int:
-        """Entries of the largest scratch array per image: cols, or for the flat version
-        the output grid if that is larger (more output than input channels x kh x kw).
-        ``dx``: a flat backward that computes dx, whose dcols rows (C*kh*kw x Hp*Wp)
-        are in use beside cols: the two together."""
+        """Entries of scratch per image that a chunk works in: cols, or for the flat
+        version the output grid if that is larger (more output than input channels x
+        kh x kw). ``dx``: a flat backward that computes dx, which holds cols and the
+        padded dcols rows (C*kh*kw x Hp*Wp, see flat_backward) at once: their sum."""
+        kh, kw = self.kernel_size
         oh, _, hp, wp = self.geometry(x)
         cols = self._cols_per_image(x, flat)
         if not flat:
             return cols
         if dx:
-            return cols + self.in_channels * self.kernel_size[0] * self.kernel_size[1] * hp * wp
+            return cols + self.in_channels * kh * kw * hp * wp
         return max(cols, self.out_channels * oh * wp)
 
     def _buffer(self, what: str, worker: int, shape, like, zeroed: bool = False):
