@@ -1,8 +1,8 @@
 """The fast paths against the plain versions they replace.
 
 Conv2d runs over the batch in chunks on worker threads, with flat cols and
-one product per image for small stride-1 layers, and recomputes cols in
-backward; the plain version (``chunk_images=None``) does the whole batch
+one product per image for small stride-1 layers (outputs in pairs where there
+are few filters), and recomputes cols in backward; the plain version (``chunk_images=None``) does the whole batch
 as one matrix product. MaxPool2d's backward must send each window's gradient
 to exactly one input, the first maximum, even when a window is all ties (as
 after a ReLU); PyTorch does the same.
@@ -82,6 +82,60 @@ def test_a_backward_that_computes_dx_counts_its_dcols_rows_in_the_chunk_size(xp,
     for key in plain.grads:
         np.testing.assert_allclose(backend.to_host(fast.grads[key]),
                                    backend.to_host(plain.grads[key]), rtol=1e-12)
+
+
+def assert_close(actual, expected):
+    """Equal up to rounding: float64 to 1e-12, float32 to 1e-5 of the largest entry
+    (a weight's gradient sums hundreds of products, so small entries are cancellations)."""
+    actual, expected = backend.to_host(actual), backend.to_host(expected)
+    assert actual.dtype == expected.dtype
+    scale = float(np.abs(expected).max())
+    eps = 1e-12 if expected.dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(actual, expected, rtol=eps, atol=eps * scale)
+
+
+def test_few_filters_take_outputs_in_pairs_only_where_they_can(xp):
+    x = xp.zeros((2, 3, 32, 32))
+    first = Conv2d(3, 6, 5)                                   # lenet's first layer
+    assert first.takes_pairs_path(x) and not first.takes_pairs_path(x, dx=True)
+    assert not Conv2d(3, 16, 5).takes_pairs_path(x)           # many filters
+    assert not Conv2d(3, 6, 4).takes_pairs_path(x)            # even kernel width
+    assert not Conv2d(3, 6, 5, stride=2).takes_pairs_path(x)  # not flat
+    assert not first.takes_pairs_path(xp.zeros((2, 3, 32, 31)))   # odd width
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("padding", [0, 2])
+def test_outputs_in_pairs_match_the_plain_version(xp, threads, monkeypatch, dtype, padding):
+    """The layer alone and fused with ReLU and pooling, with pairs and without."""
+    rng = backend.make_rng(5)
+    x = rng.standard_normal((9, 3, 12, 10)).astype(dtype)
+    plain = Sequential(Conv2d(3, 6, 5, padding=padding), ReLU(), MaxPool2d(2))
+    plain = plain.astype(getattr(xp, dtype))
+    plain.fuse, plain.layers[0].chunk_images = False, None
+    plain.needs_input_grad = plain.layers[0].needs_input_grad = False
+    expected_conv = plain.layers[0].forward(x)
+    dy_conv = rng.standard_normal(expected_conv.shape).astype(dtype)
+    plain.layers[0].backward(dy_conv)
+    expected_conv_grads = dict(plain.layers[0].grads)
+    expected_run = forward_backward(plain, x)
+    for limit in (conv_module.PAIRS_MAX_OUT_CHANNELS, 0):
+        monkeypatch.setattr(conv_module, "PAIRS_MAX_OUT_CHANNELS", limit)
+        fast = Sequential(Conv2d(3, 6, 5, padding=padding), ReLU(), MaxPool2d(2))
+        fast.layers[0].params = dict(plain.layers[0].params)
+        conv = fast.layers[0]
+        fast.needs_input_grad = conv.needs_input_grad = False
+        assert conv.takes_pairs_path(x) == (limit > 0)
+        assert_close(conv.forward(x), expected_conv)
+        assert conv.backward(dy_conv) is None
+        for key in expected_conv_grads:
+            assert_close(conv.grads[key], expected_conv_grads[key])
+        assert isinstance(fast.steps()[0], ConvReluPool)
+        y, dx, grads = forward_backward(fast, x)
+        assert_close(y, expected_run[0])
+        assert dx is None
+        for key in grads:
+            assert_close(grads[key], expected_run[2][key])
 
 
 def test_conv_reuses_its_scratch_buffers_across_calls(xp):

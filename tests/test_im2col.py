@@ -1,6 +1,7 @@
 """im2col against a per-pixel reference loop; col2im is its exact adjoint.
 
-The same for the stride-1 flat versions (im2col_flat, col2im_flat, col2im_flat_rows).
+The same for the stride-1 flat versions (im2col_flat, col2im_flat, col2im_flat_rows),
+and the flat version with outputs in pairs (im2col_flat_pairs, paired_weight).
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from minicnn.im2col import (
     col2im_flat_rows,
     im2col,
     im2col_flat,
+    im2col_flat_pairs,
     output_size,
+    paired_weight,
+    unpaired_weight_grad,
 )
 
 CASES = [(5, 5, 1, 0), (3, 3, 2, 1), (1, 1, 1, 0), (2, 3, 2, 0), (3, 3, 1, 2)]
@@ -122,3 +126,55 @@ def test_im2col_flat_refuses_a_view_it_cannot_read_by_offsets(xp):
     x = xp.zeros((1, 1, 5, 5))[..., ::-1]
     with pytest.raises(ValueError, match="C-contiguous"):
         im2col_flat(x, 3, 3)
+
+
+PAIRS_CASES = [(5, 5), (3, 3), (1, 1), (2, 3), (4, 1), (1, 5)]      # kw odd
+
+
+@pytest.mark.parametrize("kh,kw", PAIRS_CASES)
+def test_im2col_flat_pairs_matches_definition(xp, kh, kw):
+    """Column q2 of image n holds the kh x (kw+1) patch that starts at flat pixel 2*q2,
+    for the pairs that hold the grid's L outputs; the rest are 0."""
+    x_host = np.arange(2 * 3 * 7 * 8, dtype=np.float64).reshape(2, 3, 7, 8)
+    n, c, hp, wp = x_host.shape
+    oh, ow = hp - kh + 1, wp - kw + 1
+    pairs = ((oh - 1) * wp + ow) // 2
+    cols = backend.to_host(im2col_flat_pairs(backend.to_device(x_host), kh, kw))
+    assert cols.shape == (n, c * kh * (kw + 1), oh * wp // 2)
+    flat = x_host.reshape(n, c, hp * wp)
+    expected = np.zeros((n, c, kh, kw + 1, oh * wp // 2))
+    for q2 in range(pairs):
+        for i in range(kh):
+            for j in range(kw + 1):
+                expected[:, :, i, j, q2] = flat[:, :, 2 * q2 + i * wp + j]
+    np.testing.assert_array_equal(cols, expected.reshape(cols.shape))
+
+
+@pytest.mark.parametrize("kh,kw", PAIRS_CASES)
+def test_outputs_in_pairs_are_the_flat_grid_even_columns_then_odd(xp, kh, kw):
+    rng = backend.make_rng(2)
+    x = rng.standard_normal((2, 3, 7, 8))
+    weight = rng.standard_normal((4, 3, kh, kw))
+    n, c, hp, wp = x.shape
+    oh, ow = hp - kh + 1, wp - kw + 1
+    grid = (weight.reshape(4, -1) @ im2col_flat(x, kh, kw)).reshape(n, 4, oh, wp)
+    pairs = (paired_weight(weight) @ im2col_flat_pairs(x, kh, kw)).reshape(n, 4, 2, oh, wp // 2)
+    for parity in (0, 1):
+        np.testing.assert_allclose(backend.to_host(pairs[:, :, parity, :, :ow // 2]),
+                                   backend.to_host(grid[..., parity:ow:2]), rtol=1e-12)
+
+
+def test_unpaired_weight_grad_is_the_adjoint_of_paired_weight(xp):
+    rng = backend.make_rng(3)
+    weight = rng.standard_normal((4, 3, 5, 3))
+    d_paired = rng.standard_normal((8, 3 * 5 * 4))
+    lhs = float((paired_weight(weight) * d_paired).sum())
+    rhs = float((weight * unpaired_weight_grad(d_paired, weight.shape)).sum())
+    assert lhs == pytest.approx(rhs, rel=1e-12)
+
+
+@pytest.mark.parametrize("shape,kw", [((1, 1, 5, 7), 3), ((1, 1, 5, 6), 2)],
+                         ids=["odd-width", "even-kernel"])
+def test_im2col_flat_pairs_refuses_what_it_cannot_pair(xp, shape, kw):
+    with pytest.raises(ValueError, match="Wp even and kw odd"):
+        im2col_flat_pairs(xp.zeros(shape), 3, kw)

@@ -6,7 +6,8 @@ output is 4.8 MB, more than the CPU's cache, so ReLU and pooling on it wait on
 memory (and run on one core). Here each worker thread takes a few images at a
 time and does all three while they sit in its cache::
 
-    grid = W @ cols + b           the conv on its flat OH x Wp grid (Conv2d.flat_forward)
+    grid = W @ cols + b           the conv on its flat OH x Wp grid (Conv2d.flat_forward;
+                                  for few filters in pairs, Conv2d.grid_cells)
     m    = 2x2 max of grid        the knockout bracket of pooling.bracket_forward
     y    = max(m, 0)              ReLU, after pooling: a quarter of the values
 
@@ -78,12 +79,13 @@ class ConvReluPool:
         masks = tuple(xp.empty(y.shape, dtype=bool) for _ in range(4)) if conv.training else None
 
         def chunk(part, worker):
-            grid = conv.flat_forward(x, part, worker)                 # (B, OC, OH, Wp)
+            grid = conv.flat_forward(x, part, worker)       # (B, OC, OH, Wp), or in pairs
+            cells = conv.grid_cells(grid, *y.shape[2:])
             if masks is None:
-                bracket_forward(grid, y[part])
+                bracket_forward(cells, y[part])
             else:
                 positive, *won = (mask[part] for mask in masks)
-                bracket_forward(grid, y[part], won)
+                bracket_forward(cells, y[part], won)
             xp.maximum(y[part], 0, out=y[part])                       # ReLU after pooling
             if masks is not None:
                 xp.greater(y[part], 0, out=positive)
@@ -101,13 +103,14 @@ class ConvReluPool:
         x, masks = self.cache
         xp = backend.array_module(dy)
         dx = xp.empty_like(x) if conv.needs_input_grad else None
+        pairs = conv.takes_pairs_path(x, dx=dx is not None)
 
         def chunk(part, worker):
             positive, *won = (mask[part] for mask in masks)
             d = dy[part] * positive
-            dy_grid = conv.flat_grid(x, part, worker, "pooled dy grid")   # (B, OC, OH, Wp)
-            bracket_backward(d, won, dy_grid)      # writes the cells of the 2x2 windows; the
-                                                   # rest of this grid is never written: 0
+            dy_grid = conv.flat_grid(x, part, worker, "pooled dy grid", pairs)
+            bracket_backward(d, won, conv.grid_cells(dy_grid, *dy.shape[2:]))
+            # that wrote the cells of the 2x2 windows; the rest of this grid is never written: 0
             return conv.flat_backward(x, dy_grid, dx, part, worker)
 
         parts = conv.chunks(x, flat=True, dx=dx is not None)

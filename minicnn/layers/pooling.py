@@ -98,10 +98,10 @@ class MaxPool2d(Module):
         y = xp.empty((n, c, oh, ow), dtype=x.dtype)
         self.cache = None
         if not self.training:
-            bracket_forward(x, y)
+            bracket_forward(window_cells(x, oh, ow), y)
             return y
         won = tuple(xp.empty((n, c, oh, ow), dtype=bool) for _ in range(3))
-        bracket_forward(x, y, won)
+        bracket_forward(window_cells(x, oh, ow), y, won)
         self.cache = ("bracket", x.shape, won)
         return y
 
@@ -111,26 +111,32 @@ class MaxPool2d(Module):
         dx = xp.empty((n, c, h, w), dtype=dy.dtype)
         dx[:, :, 2 * (h // 2):] = 0                # the odd last row or column, if any
         dx[:, :, :, 2 * (w // 2):] = 0
-        bracket_backward(dy, won, dx)
+        bracket_backward(dy, won, window_cells(dx, *dy.shape[2:]))
         return dx
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
 
 
-# --- The 2x2, stride-2 knockout, on any (..., H, W) array --------------------------
+# --- The 2x2, stride-2 knockout, on the four cells of each window ------------------
 #
 # Functions rather than methods so that a fused pass (minicnn.layers.fused) can
-# pool one chunk of images in place. ``won`` holds three boolean arrays the shape
-# of y: right cell won the top row, right cell won the bottom row, bottom row won.
+# pool one chunk of images in place, on its conv's own layout of the cells.
+# ``won`` holds three boolean arrays the shape of y: right cell won the top row,
+# right cell won the bottom row, bottom row won.
 
-def bracket_forward(x, y, won=None) -> None:
-    """y = the max of each 2x2 cell of x (an odd last row or column is in no cell);
-    if ``won`` is given, record the bracket's results in it."""
-    xp = backend.array_module(x)
-    oh, ow = y.shape[-2:]
-    top_left, top_right = x[..., 0:2 * oh:2, 0:2 * ow:2], x[..., 0:2 * oh:2, 1:2 * ow:2]
-    bottom_left, bottom_right = x[..., 1:2 * oh:2, 0:2 * ow:2], x[..., 1:2 * oh:2, 1:2 * ow:2]
+def window_cells(x, oh: int, ow: int):
+    """The four cells of the 2x2 windows of x (..., H, W), as views: top left, top right,
+    bottom left, bottom right, each (..., OH, OW). An odd last row or column is in none."""
+    return (x[..., 0:2 * oh:2, 0:2 * ow:2], x[..., 0:2 * oh:2, 1:2 * ow:2],
+            x[..., 1:2 * oh:2, 0:2 * ow:2], x[..., 1:2 * oh:2, 1:2 * ow:2])
+
+
+def bracket_forward(cells, y, won=None) -> None:
+    """y = the max of each 2x2 window, given its four cells (window_cells, or another
+    layout's views of them); if ``won`` is given, record the bracket's results in it."""
+    xp = backend.array_module(y)
+    top_left, top_right, bottom_left, bottom_right = cells
     top, bottom = xp.maximum(top_left, top_right), xp.maximum(bottom_left, bottom_right)
     xp.maximum(top, bottom, out=y)
     if won is not None:                     # a later cell wins only if strictly greater
@@ -140,17 +146,17 @@ def bracket_forward(x, y, won=None) -> None:
         xp.greater(bottom, top, out=bottom_won)
 
 
-def bracket_backward(dy, won, dx) -> None:
-    """Follow the bracket back: write dx[..., :2*OH, :2*OW] (each cell of it once)."""
+def bracket_backward(dy, won, cells) -> None:
+    """Follow the bracket back: write the four cells of dx's windows, each once."""
     xp = backend.array_module(dy)
     top_right_won, bottom_right_won, bottom_won = won
-    oh, ow = dy.shape[-2:]
+    top_left, top_right, bottom_left, bottom_right = cells
     d_bottom = dy * bottom_won                 # dy to the winning row ...
     d_top = dy - d_bottom
-    for row, d_row, right_won in ((0, d_top, top_right_won), (1, d_bottom, bottom_right_won)):
-        right = dx[..., row:2 * oh:2, 1:2 * ow:2]     # ... then to the winning cell of that row
-        xp.multiply(d_row, right_won, out=right)
-        xp.subtract(d_row, right, out=dx[..., row:2 * oh:2, 0:2 * ow:2])
+    for d_row, right_won, left, right in ((d_top, top_right_won, top_left, top_right),
+                                          (d_bottom, bottom_right_won, bottom_left, bottom_right)):
+        xp.multiply(d_row, right_won, out=right)     # ... then to the winning cell of that row
+        xp.subtract(d_row, right, out=left)
 
 
 class GlobalAvgPool2d(Module):
