@@ -23,6 +23,12 @@ resident memory just before the first step: activations, caches, gradients,
 optimizer state and whatever the libraries allocate on first use, but not
 the libraries' code or the model's parameters.
 
+The first line printed says what each engine computes with: PyTorch's CPU
+kernels (AVX2, AVX512) and which kernels NumPy's OpenBLAS loaded. OpenBLAS
+picks them for the CPU, unless the environment variable OPENBLAS_CORETYPE
+names them: on an AVX-512 CPU, OPENBLAS_CORETYPE=Haswell holds NumPy's matrix
+products to AVX2 while PyTorch still uses AVX-512.
+
 PyTorch (``pip install torch``) is optional: without it only minicnn's own
 numbers are printed. minicnn itself never imports it.
 """
@@ -244,12 +250,27 @@ def thread_report() -> str:
     parts = [f"numpy {np.__version__}"]
     try:
         import torch
-        parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+        parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads, "
+                     f"{torch.backends.cpu.get_cpu_capability()} kernels)")
     except ImportError:
         parts.append("torch not installed")
     blas = os.environ.get("OPENBLAS_NUM_THREADS", "default")
     parts.append(f"OPENBLAS_NUM_THREADS={blas}, {os.cpu_count()} CPUs")
+    parts.append(blas_kernels())
     return ", ".join(parts)
+
+
+def blas_kernels() -> str:
+    """Which kernels NumPy's BLAS runs: OpenBLAS picks them for the CPU when it loads,
+    unless OPENBLAS_CORETYPE names them (on an AVX-512 CPU, "Haswell" means AVX2 only)."""
+    from threadpoolctl import threadpool_info
+    for library in threadpool_info():
+        if library.get("user_api") == "blas":
+            kernels = f"{library.get('internal_api')} {library.get('version')} " \
+                      f"{library.get('architecture')} kernels"
+            forced = os.environ.get("OPENBLAS_CORETYPE")
+            return kernels + (f" (OPENBLAS_CORETYPE={forced})" if forced else "")
+    return "BLAS not found by threadpoolctl"
 
 
 def fmt(value, spec: str) -> str:
