@@ -37,7 +37,9 @@ whole batch at once. The default fast version computes the same thing:
   shifted by one column, and one column of cols serves two neighbouring
   outputs. The product has twice the rows and half the columns, which BLAS
   runs faster: lenet's first layer's products took about 40% less time
-  (measured, one thread). dW sums the gradients of each weight's two copies.
+  (measured, one thread, OpenBLAS's AVX2 kernels; its AVX-512 kernels take
+  the same time for both, and cols is smaller either way). dW sums the
+  gradients of each weight's two copies.
   There is no col2im for pairs, so a backward that computes dx stays unpaired.
 - backward recomputes a chunk's cols from x instead of keeping all of them
   from forward: the copy is cheaper than reading them back from memory, and
