@@ -56,6 +56,18 @@ def test_conv2d(xp, in_c, out_c, k, stride, padding, hw):
     assert_gradients_ok(conv, randn((2, in_c, *hw)))
 
 
+@pytest.mark.parametrize("padding,hw", [(0, (9, 8)), (2, (6, 6))])
+def test_conv2d_as_a_first_layer_with_outputs_in_pairs(xp, padding, hw):
+    """No dx: backward takes the outputs in pairs (few filters, odd kernel, even width)."""
+    conv = Conv2d(3, 6, 5, padding=padding)
+    x = randn((2, 3, *hw))
+    assert conv.takes_pairs_path(x) and not conv.takes_pairs_path(x, dx=True)
+    conv.astype(xp.float64)
+    errors = check_module(conv, x, input_grad=False)
+    assert set(errors) == parameter_names(conv)
+    assert max(errors.values()) < TOLERANCE, errors
+
+
 def test_conv2d_without_bias(xp):
     conv = Conv2d(2, 3, 3, bias=False)
     assert "bias" not in conv.params
@@ -157,11 +169,14 @@ def test_small_network_end_to_end(xp, fuse):
     assert_gradients_ok(net, randn((2, 2, 8, 8)))
 
 
-def test_lenet_end_to_end(xp):
+@pytest.mark.parametrize("input_grad", [True, False], ids=["with-dx", "as-trained"])
+def test_lenet_end_to_end(xp, input_grad):
+    """as-trained: no gradient for the image, so the first conv's backward takes its
+    outputs in pairs, as in training."""
     model = build_model("lenet")
     model.astype(xp.float64)
-    errors = check_module(model, randn((1, 3, 32, 32)), max_entries=40)
-    assert set(errors) == {"input", *parameter_names(model)}
+    errors = check_module(model, randn((1, 3, 32, 32)), max_entries=40, input_grad=input_grad)
+    assert set(errors) == parameter_names(model) | ({"input"} if input_grad else set())
     assert max(errors.values()) < 1e-6, errors
 
 
