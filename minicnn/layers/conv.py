@@ -182,12 +182,10 @@ class Conv2d(Module):
         count = self._cols_per_image(x, flat, pairs)
         what = "flat pairs cols" if pairs else "flat cols" if flat else "cols"
         out = self._buffer(what, worker, (part.stop - part.start, count), x, zeroed=flat)
-        if pairs:
-            return im2col_flat_pairs(pad_hw(x[part], self.padding), kh, kw, out=out,
-                                     tails_are_zero=True)         # (B, C*kh*(kw+1), OH*Wp/2)
-        if flat:
-            return im2col_flat(pad_hw(x[part], self.padding), kh, kw, out=out,
-                               tails_are_zero=True)               # (B, C*kh*kw, OH*Wp)
+        if flat:        # (B, C*kh*kw, OH*Wp), or for pairs (B, C*kh*(kw+1), OH*Wp/2)
+            flat_im2col = im2col_flat_pairs if pairs else im2col_flat
+            return flat_im2col(pad_hw(x[part], self.padding), kh, kw, out=out,
+                               tails_are_zero=True)
         return im2col(x[part], kh, kw, self.stride, self.padding, out=out)   # (C*kh*kw, B*OH*OW)
 
     def chunks(self, x, flat: bool, dx: bool = False):
@@ -365,16 +363,17 @@ class Conv2d(Module):
         pairs = dy_grid.ndim == 5
         if pairs and dx is not None:
             raise ValueError("outputs in pairs have no dx: use the (B, OC, OH, Wp) grid")
-        weight = self._product_weight(pairs)
         cols = self._cols(x, part, worker, flat=True, pairs=pairs)              # recomputed
         xp = backend.array_module(dy_grid)
         db = xp.einsum("bol->o", dy_grid.reshape(b, self.out_channels, -1))   # sum over
         # images and grid cells; einsum's loop runs 2x faster here than sum(axis=(0, 2))
-        dy_grid = dy_grid.reshape(b, weight.shape[0], -1)          # (B, OC or 2*OC, grid cells)
+        dy_rows = self.out_channels * (2 if pairs else 1)
+        dy_grid = dy_grid.reshape(b, dy_rows, -1)                  # (B, OC or 2*OC, grid cells)
         if dx is not None:      # dcols = W.T @ dY, in rows padded with zeros for col2im_flat_rows
+            weight = self._product_weight(pairs=False)
             rows = self._buffer("dcols", worker, (b, weight.shape[1], hp * wp), dy_grid,
                                 zeroed=True)                           # only [..., :OH*Wp] written
-            backend.array_module(dy_grid).matmul(weight.T, dy_grid, out=rows[..., :dy_grid.shape[2]])
+            xp.matmul(weight.T, dy_grid, out=rows[..., :dy_grid.shape[2]])
             dx_pad = col2im_flat_rows(rows, (b, self.in_channels, hp, wp), kh, kw)
             dx[part] = dx_pad[:, :, p:p + h, p:p + w]
         # dW = sum over images of dY_n @ cols_n.T. Unpaired it is computed as
