@@ -4,6 +4,7 @@
     python benchmarks/bench_cpu.py --models lenet --rounds 9
     python benchmarks/bench_cpu.py --profile          # time per layer, forward and backward
     python benchmarks/bench_cpu.py --threads 1        # both engines on one thread
+    python benchmarks/bench_cpu.py --scaling          # each engine on 1 thread against all
 
 What is timed, on random float32 data of shape (N, 3, 32, 32):
 
@@ -28,6 +29,12 @@ kernels (AVX2, AVX512) and which kernels NumPy's OpenBLAS loaded. OpenBLAS
 picks them for the CPU, unless the environment variable OPENBLAS_CORETYPE
 names them: on an AVX-512 CPU, OPENBLAS_CORETYPE=Haswell holds NumPy's matrix
 products to AVX2 while PyTorch still uses AVX-512.
+
+``--scaling`` asks what the other threads are worth: for each engine and case,
+rounds alternate between one thread and the default (one per CPU), in one
+process, and it prints both medians and their ratio, the speedup. NumPy's BLAS
+is held to one thread throughout, as minicnn holds it whenever it runs its own
+threads (minicnn.parallel), so for minicnn only its own threads change.
 
 PyTorch (``pip install torch``) is optional: without it only minicnn's own
 numbers are printed. minicnn itself never imports it.
@@ -150,6 +157,47 @@ def interleaved(name: str, mode: str, batch_size: int, rounds: int, seconds: flo
         if theirs is not None:
             rates["torch"].append(steps * batch_size / time_steps(theirs, steps))
     return {engine: statistics.median(r) if r else None for engine, r in rates.items()}
+
+
+def thread_scaling(name: str, mode: str, batch_size: int, rounds: int, seconds: float) -> dict:
+    """{engine: (images/s on 1 thread, on the default count)}: medians over ``rounds``
+    rounds, each timing a block on 1 thread, then one on all (the order alternates)."""
+    many = parallel.workers()
+    runners = {"minicnn": MinicnnRunner(name, mode, batch_size),
+               "torch": torch_runner(name, mode, batch_size)}
+    out = {}
+    for engine, runner in runners.items():
+        if runner is None:
+            continue
+        if engine == "minicnn":
+            set_threads = parallel.set_workers
+        else:
+            set_threads = runner.torch.set_num_threads
+        rates = {1: [], many: []}
+        set_threads(many)
+        steps = max(1, round(seconds / warm_up(runner)))
+        for index in range(rounds):
+            for count in ((1, many) if index % 2 == 0 else (many, 1)):
+                set_threads(count)
+                warm_up(runner, 0.1)
+                rates[count].append(steps * batch_size / time_steps(runner, steps))
+        set_threads(many)
+        out[engine] = (statistics.median(rates[1]), statistics.median(rates[many]))
+    return out
+
+
+def print_scaling(names, rounds: int, seconds: float) -> None:
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=1, user_api="blas")       # as minicnn holds it with several threads
+    many = parallel.workers()
+    print(f"{'model':<10}{'case':<12}{'engine':<9}{'1 thread':>10}{f'{many} threads':>12}"
+          f"{'speedup':>9}")
+    for name in names:
+        for mode, batch_size in CASES:
+            for engine, (one, all_) in thread_scaling(name, mode, batch_size, rounds,
+                                                      seconds).items():
+                print(f"{name:<10}{f'{mode} {batch_size}':<12}{engine:<9}{one:>10,.0f}"
+                      f"{all_:>12,.0f}{all_ / one:>9.2f}", flush=True)
 
 
 # --- peak memory, in child processes ---------------------------------------------
@@ -291,6 +339,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="print time per layer (forward, backward) instead")
     parser.add_argument("--profile-steps", type=int, default=50)
+    parser.add_argument("--scaling", action="store_true",
+                        help="each engine on 1 thread against its default, one per CPU")
     parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -298,11 +348,16 @@ def main() -> None:
         engine, name, mode, batch_size = args.memory_child
         memory_child(engine, name, mode, int(batch_size))
         return
+    if args.scaling and args.threads is not None:
+        parser.error("--scaling compares 1 thread with the default; drop --threads")
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"--threads needs at least 1, got {args.threads}")
         use_threads(args.threads)
     print(thread_report())
+    if args.scaling:
+        print_scaling(args.models, args.rounds, args.seconds)
+        return
     if args.profile:
         for name in args.models:
             for batch_size in (64, 256):

@@ -46,3 +46,20 @@ def test_zero_threads_is_refused_in_one_line():
     result = bench("--threads", "0", check=False)
     assert result.returncode != 0
     assert "--threads needs at least 1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_scaling_prints_both_thread_counts_for_each_engine_and_case():
+    out = bench("--models", "lenet", "--scaling", "--rounds", "1", "--seconds", "0.02").stdout
+    rows = [line.split() for line in out.splitlines() if line.startswith("lenet")]
+    minicnn = [row for row in rows if row[3] == "minicnn"]
+    assert [row[1] + " " + row[2] for row in minicnn] == ["train 64", "train 256", "infer 1000"]
+    for row in rows:
+        one, many, speedup = (float(value.replace(",", "")) for value in row[4:7])
+        assert one > 0 and many > 0
+        assert abs(speedup - many / one) < 0.01 + 0.01 * speedup      # rounded figures
+
+
+def test_scaling_refuses_a_thread_count_in_one_line():
+    result = bench("--scaling", "--threads", "2", check=False)
+    assert result.returncode != 0
+    assert "drop --threads" in result.stderr and "Traceback" not in result.stderr
