@@ -57,6 +57,7 @@ from minicnn.layers import Sequential
 from minicnn.layers.fused import ConvReluPool
 from minicnn.losses import SoftmaxCrossEntropy
 from minicnn.optim import SGD
+from minicnn.replicas import Replicas, default_processes
 
 CASES = (("train", 64), ("train", 256), ("infer", 1000))
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
@@ -72,7 +73,10 @@ def random_batch(batch_size: int, seed: int = 0):
 # --- minicnn -------------------------------------------------------------------
 
 class MinicnnRunner:
-    """One model and one batch; ``step()`` runs one training step or one inference."""
+    """One model and one batch; ``step()`` runs one training step or one inference.
+
+    Training splits the batch over processes (minicnn.replicas) where fit() does
+    (default_processes), else runs forward and backward here, on minicnn's threads."""
 
     def __init__(self, name: str, mode: str, batch_size: int):
         self.model = models.build_model(name)
@@ -82,13 +86,29 @@ class MinicnnRunner:
         self.x, self.labels = random_batch(batch_size)
         self.criterion = SoftmaxCrossEntropy()
         self.optimizer = SGD(self.model, LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+        self.replicas, self.split = None, False
+        self.set_threads(parallel.workers())
+
+    def set_threads(self, count: int) -> None:
+        """Use ``count`` CPUs: that many threads, or for training that many processes."""
+        parallel.set_workers(count)
+        self.split = self.mode == "train" and count > 1 and default_processes(self.model) > 1
+        if self.split and (self.replicas is None or self.replicas.processes != count):
+            if self.replicas is not None:
+                self.replicas.close()
+            self.replicas = Replicas(self.model, self.criterion, count)
 
     def step(self) -> None:
-        logits = self.model.forward(self.x)
-        if self.mode == "train":
+        if self.mode != "train":
+            self.model.forward(self.x)
+            return
+        if self.split:
+            self.replicas.forward_backward(self.x, self.labels)
+        else:
+            logits = self.model.forward(self.x)
             self.criterion.forward(logits, self.labels)
             self.model.backward(self.criterion.backward())
-            self.optimizer.step()
+        self.optimizer.step()
 
 
 # --- PyTorch -----------------------------------------------------------------
@@ -169,10 +189,7 @@ def thread_scaling(name: str, mode: str, batch_size: int, rounds: int, seconds: 
     for engine, runner in runners.items():
         if runner is None:
             continue
-        if engine == "minicnn":
-            set_threads = parallel.set_workers
-        else:
-            set_threads = runner.torch.set_num_threads
+        set_threads = runner.set_threads if engine == "minicnn" else runner.torch.set_num_threads
         rates = {1: [], many: []}
         set_threads(many)
         steps = max(1, round(seconds / warm_up(runner)))
@@ -202,22 +219,26 @@ def print_scaling(names, rounds: int, seconds: float) -> None:
 
 # --- peak memory, in child processes ---------------------------------------------
 
-def _status_mb(field: str) -> float:
-    """VmRSS (resident now) or VmHWM (peak resident) of this process, in MB (Linux)."""
-    with open("/proc/self/status") as status:
+def _status_mb(field: str, pid="self") -> float:
+    """VmRSS (resident now) or VmHWM (peak resident) of a process, in MB (Linux)."""
+    with open(f"/proc/{pid}/status") as status:
         for line in status:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
-    raise OSError(f"no {field} in /proc/self/status")
+    raise OSError(f"no {field} in /proc/{pid}/status")
 
 
 def memory_child(engine: str, name: str, mode: str, batch_size: int, steps: int = 3) -> None:
-    """Run in a fresh process: print the growth of peak RSS over ``steps`` steps, in MB."""
+    """Run in a fresh process: print the growth of peak RSS over ``steps`` steps, in MB,
+    summed over this process and minicnn's worker processes (minicnn.replicas), if any."""
     runner = (MinicnnRunner if engine == "minicnn" else TorchRunner)(name, mode, batch_size)
-    before = _status_mb("VmRSS")
+    replicas = getattr(runner, "replicas", None)
+    pids = ["self"] + (replicas.worker_pids if replicas is not None else [])
+    before = {pid: _status_mb("VmRSS", pid) for pid in pids}
     for _ in range(steps):
         runner.step()
-    print(json.dumps({"peak_mb": max(_status_mb("VmHWM") - before, 0.0)}))
+    growth = sum(max(_status_mb("VmHWM", pid) - before[pid], 0.0) for pid in pids)
+    print(json.dumps({"peak_mb": growth}))
 
 
 def peak_memory_mb(engine: str, name: str, mode: str, batch_size: int):

@@ -31,6 +31,7 @@ the number of CPUs this process may use; :func:`set_workers` changes it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import queue
@@ -41,6 +42,7 @@ from minicnn import backend
 _workers: int | None = None
 _pool: _HelperThreads | None = None
 _blas_limit = None   # threadpoolctl's limit, set on the first parallel run_chunks
+_in_calling_thread = 0   # > 0 inside in_calling_thread(): no helper threads
 
 
 def _default_workers() -> int:
@@ -54,11 +56,25 @@ def _default_workers() -> int:
 
 
 def workers() -> int:
-    """How many threads run_chunks uses on NumPy."""
+    """How many threads run_chunks uses on NumPy (1 inside in_calling_thread())."""
     global _workers
+    if _in_calling_thread:
+        return 1
     if _workers is None:
         _workers = _default_workers()
     return _workers
+
+
+@contextlib.contextmanager
+def in_calling_thread():
+    """Meanwhile, run_chunks works in the calling thread only: for a process that
+    shares the CPUs with other processes of its own (minicnn.replicas)."""
+    global _in_calling_thread
+    _in_calling_thread += 1
+    try:
+        yield
+    finally:
+        _in_calling_thread -= 1
 
 
 def set_workers(count: int) -> None:
@@ -109,7 +125,7 @@ class _HelperThreads:
             inbox.put(None)
 
 
-def _hold_blas_to_one_thread() -> None:
+def hold_blas_to_one_thread() -> None:
     """Hold BLAS to one thread from now on (see the module docstring)."""
     global _blas_limit
     if _blas_limit is None:
@@ -140,6 +156,6 @@ def run_chunks(work, parts: list, array) -> list:
             results[index] = work(parts[index], worker)
             index = next(claim)
 
-    _hold_blas_to_one_thread()
+    hold_blas_to_one_thread()
     _pool.run(worker_loop, count)
     return results

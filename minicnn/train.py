@@ -8,6 +8,11 @@ One training step, with data flowing one way::
     model.backward(criterion.backward())      # fills every layer's grads
     optimizer.step()                          # p -= lr * (momentum-adjusted) grad
 
+On a CPU with several cores, the forward, loss and backward of each batch are
+split over processes instead, each with a copy of the model, and the grads
+summed (minicnn.replicas: the same grads, up to rounding); models with
+BatchNorm, and the GPU, keep the steps above. MINICNN_PROCESSES=1 turns it off.
+
 Loss and accuracy are summed on the backend's arrays and read back to the
 host only when the progress bar is refreshed, so a GPU is not stalled every
 step. After every epoch the model and the training state are written
@@ -33,6 +38,7 @@ from minicnn.checkpoint import (CheckpointError, load_parameters, read_npz, save
 from minicnn.errors import MinicnnError
 from minicnn.losses import SoftmaxCrossEntropy
 from minicnn.optim import SGD, make_schedule, norm_and_bias_names
+from minicnn.replicas import Replicas, default_processes
 
 PROGRESS_EVERY = 20   # steps between reads of the running loss (one host sync each)
 
@@ -182,9 +188,10 @@ class EpochTotals:
 
 def train_epoch(model, criterion, optimizer, schedule, images, labels, plan, config,
                 epoch: int, first_step: int, steps_per_epoch: int, bar_settings: dict,
-                stop: StopRequest) -> tuple[EpochTotals, int]:
+                stop: StopRequest, replicas: Replicas | None = None) -> tuple[EpochTotals, int]:
     """Run the steps of one epoch from ``first_step``; return the totals and the
-    number of steps done in this epoch (fewer than steps_per_epoch if stopped)."""
+    number of steps done in this epoch (fewer than steps_per_epoch if stopped).
+    ``replicas``: forward and backward split over its processes."""
     xp = backend.xp
     totals = EpochTotals(xp.zeros((), dtype=xp.float64), xp.zeros((), dtype=xp.int64))
     batches = data.batch_slices(len(labels), config.batch_size)[first_step:]
@@ -195,9 +202,12 @@ def train_epoch(model, criterion, optimizer, schedule, images, labels, plan, con
             index = plan.order[start:stop_index]
             x = _augmented_batch(images, plan, index, config)
             t = labels[index]
-            logits = model.forward(x)
-            loss = criterion.forward(logits, t)
-            model.backward(criterion.backward())
+            if replicas is not None:
+                loss, logits = replicas.forward_backward(x, t)
+            else:
+                logits = model.forward(x)
+                loss = criterion.forward(logits, t)
+                model.backward(criterion.backward())
             optimizer.lr = schedule(epoch * steps_per_epoch + step)
             optimizer.step()
             totals.loss_sum += loss * (stop_index - start)
@@ -260,7 +270,8 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
         return metadata
 
     metadata = {}
-    with StopRequest() as stop, input_gradients_off(model):
+    with StopRequest() as stop, input_gradients_off(model), \
+            _replicas_if_they_help(model, criterion) as replicas:
         for epoch in range(start_epoch, config.epochs):
             plan = data.plan_epoch(n, config.seed, epoch, crop_padding=config.crop_padding)
             first = start_step if epoch == start_epoch else 0
@@ -269,7 +280,7 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
             epoch_start = time.perf_counter()
             totals, step = train_epoch(model, criterion, optimizer, schedule, images, labels,
                                        plan, config, epoch, first, steps_per_epoch,
-                                       bar_settings, stop)
+                                       bar_settings, stop, replicas)
             train_seconds = time.perf_counter() - epoch_start
             elapsed += train_seconds
             if step < steps_per_epoch:          # stopped by Ctrl-C between two steps
@@ -309,6 +320,17 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
                     f"interrupted after epoch {epoch + 1}; saved {out}; "
                     "run again with --resume to continue")
     return metadata
+
+
+@contextlib.contextmanager
+def _replicas_if_they_help(model, criterion):
+    """Replicas of the model over the CPUs (minicnn.replicas), or None where there is one
+    CPU, MINICNN_PROCESSES=1, the GPU, or a model with batch statistics."""
+    if default_processes(model) == 1:
+        yield None
+        return
+    with Replicas(model, criterion) as replicas:
+        yield replicas
 
 
 def _restore(model, optimizer: SGD, out: Path):

@@ -131,3 +131,18 @@ def test_fit_records_tta_and_the_recipe_options(tmp_path):
     assert card["config"] == {"width": 4} and card["tta"] is True
     assert evaluate(loaded, colour_dataset(60, 1), card["normalization"],
                     tta=True)["accuracy"] == metadata["test_accuracy"]
+
+
+def test_fit_on_several_processes_matches_one_up_to_rounding(tmp_path, monkeypatch):
+    """fit splits each batch over processes (minicnn.replicas) on the NumPy backend."""
+    if backend.name() != "numpy":
+        pytest.skip("replicas run on the NumPy backend only")
+    monkeypatch.setenv("MINICNN_PROCESSES", "1")
+    one, _ = run(tmp_path, "one.npz", epochs=1)
+    monkeypatch.setenv("MINICNN_PROCESSES", "2")
+    two, metadata = run(tmp_path, "two.npz", epochs=1)
+    assert metadata["training"]["epochs_completed"] == 1
+    for name, value in one.state_dict().items():
+        other = two.state_dict()[name]
+        assert other.base is None                   # fit's replicas are closed again
+        assert np.abs(other - value).max() <= 1e-4 * np.abs(value).max()

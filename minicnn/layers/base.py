@@ -104,11 +104,24 @@ class Module:
             holder[key] = backend.to_device(backend.to_host(holder[key]))
         return self
 
+    def __getstate__(self) -> dict:
+        """What pickling a module keeps: its parameters, buffers and settings, not what
+        the last forward and backward left behind (caches, grads, scratch buffers).
+        minicnn.replicas sends the model to its worker processes this way."""
+        state = dict(self.__dict__)
+        for name, empty in _LEFT_BEHIND.items():
+            if name in state:
+                state[name] = empty()
+        return state
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.extra_repr()})"
 
     def extra_repr(self) -> str:
         return ""
+
+
+_LEFT_BEHIND = {"cache": lambda: None, "grads": dict, "_scratch": dict, "_steps": lambda: None}
 
 
 class Sequential(Module):

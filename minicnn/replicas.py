@@ -1,0 +1,286 @@
+"""Data-parallel training on the CPU: each batch split over processes, each with a copy
+of the model.
+
+Why processes and not more threads: minicnn's threads (minicnn.parallel) each
+run a few dozen NumPy calls per chunk of images, and NumPy has to take the GIL
+back after every call. With two threads doing that at once, each waits on the
+other: on a 2-vCPU machine the same chunks ran 0.5-0.95x as fast on two
+threads as on one, and 1.2-2.2x as fast on two processes (README, Speed). A
+process has a GIL of its own.
+
+One training step, for a batch of N images split into parts of n_0, n_1, ...
+images (part 0 in the calling process, the others in worker processes, each
+part on one thread)::
+
+    L_k  = mean loss over part k,   g_k = dL_k / dθ    (forward and backward of part k)
+    L    = sum_k (n_k / N) * L_k                       (the mean over the whole batch)
+    dL/dθ = sum_k (n_k / N) * g_k
+
+This holds because the model treats every image on its own: no batch
+statistics, so models with BatchNorm (which has buffers) are refused. Each
+part's loss gradient is scaled by n_k / N before its backward, so the g's add
+up to dL/dθ in the model's grads and the optimizer steps as usual.
+
+The parameters live in shared memory: the calling process's model is rebound
+to views of it, its optimizer updates them in place, and every copy reads
+them on its next forward. Each worker takes its images from shared memory
+and writes its part's gradients to shared memory of its own; its loss and
+logits (a few numbers per image) come back through its pipe.
+
+Usage, in place of forward, loss and backward::
+
+    with Replicas(model, criterion) as replicas:
+        for x, labels in batches:
+            loss, logits = replicas.forward_backward(x, labels)
+            optimizer.step()
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import signal
+import traceback
+import weakref
+from multiprocessing import shared_memory
+
+import numpy as np
+
+from minicnn import backend, parallel
+
+PROCESSES_VARIABLE = "MINICNN_PROCESSES"
+
+
+def default_processes(model) -> int:
+    """How many processes forward_backward would use for ``model``: MINICNN_PROCESSES
+    if set, else one per worker thread of minicnn.parallel (one per CPU); 1 where
+    replicas do not apply (see :func:`refusal`)."""
+    if refusal(model) is not None:
+        return 1
+    value = os.environ.get(PROCESSES_VARIABLE)
+    return max(1, int(value)) if value else parallel.workers()
+
+
+def refusal(model) -> str | None:
+    """Why ``model`` cannot be trained by replicas here, or None if it can."""
+    if backend.name() != "numpy":
+        return "replicas run on the NumPy backend only (a GPU is parallel already)"
+    if any(True for _ in model.named_buffers()):
+        return ("the model has buffers (BatchNorm): its batch statistics would differ "
+                "from part to part")
+    return None
+
+
+class _SharedArrays:
+    """Arrays of the given (shape, dtype) in one block of shared memory; ``spec`` lets
+    another process attach to the same block (:meth:`attach`)."""
+
+    def __init__(self, layouts, name: str | None = None):
+        self.layouts = [(tuple(shape), np.dtype(dtype).str) for shape, dtype in layouts]
+        offsets, size = [], 0
+        for shape, dtype in self.layouts:
+            offsets.append(size)
+            size += -(-math.prod(shape) * np.dtype(dtype).itemsize // 64) * 64   # 64-byte aligned
+        self.offsets = offsets
+        if name is None:
+            self.memory = shared_memory.SharedMemory(create=True, size=max(size, 64))
+            self.owner = True
+        else:
+            # the workers share the calling process's resource tracker, which dedups the
+            # name that attaching registers again: the block is unlinked once, by close()
+            self.memory = shared_memory.SharedMemory(name=name)
+            self.owner = False
+        self.arrays = [np.ndarray(shape, dtype, buffer=self.memory.buf, offset=offset)
+                       for (shape, dtype), offset in zip(self.layouts, offsets)]
+
+    @property
+    def spec(self):
+        return self.memory.name, self.layouts
+
+    @classmethod
+    def attach(cls, spec) -> _SharedArrays:
+        name, layouts = spec
+        return cls(layouts, name=name)
+
+    def close(self) -> None:
+        self.arrays = []
+        self.memory.close()
+        if self.owner:
+            self.memory.unlink()
+
+
+def _slots(model):
+    """[(module, key), ...] of every parameter, in a fixed order."""
+    return [(module, key) for _, module, key in model.named_parameters()]
+
+
+def _worker(connection, model, criterion, params_spec, grads_spec) -> None:
+    """A worker process: forward and backward of its part of each batch (see the module
+    docstring), until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the calling process's
+    parallel.set_workers(1)
+    parallel.hold_blas_to_one_thread()
+    params, grads = _SharedArrays.attach(params_spec), _SharedArrays.attach(grads_spec)
+    for (module, key), view in zip(_slots(model), params.arrays):
+        module.params[key] = view
+    model.train()
+    model.needs_input_grad = False
+    inputs = {}                                       # block name -> attached block
+    while True:
+        try:
+            message = connection.recv()
+        except EOFError:                              # the calling process has gone
+            break
+        if message[0] == "stop":
+            break
+        _, inputs_spec, total = message
+        try:
+            name = inputs_spec[0]
+            if name not in inputs:
+                for block in inputs.values():
+                    block.close()
+                inputs = {name: _SharedArrays.attach(inputs_spec)}
+            x, labels = inputs[name].arrays
+            logits = model.forward(x)
+            loss = criterion.forward(logits, labels)
+            model.backward(criterion.backward() * (len(labels) / total))
+            for (module, key), out in zip(_slots(model), grads.arrays):
+                out[...] = module.grads[key]
+            connection.send(("done", float(loss), logits))
+        except Exception:  # noqa: BLE001 (sent to the calling process, raised there)
+            connection.send(("error", traceback.format_exc()))
+    model = x = labels = None           # drop the views of shared memory before closing it
+    for block in (*inputs.values(), params, grads):
+        block.close()
+
+
+class Replicas:
+    """forward_backward(x, labels) of ``model`` with ``criterion``, the batch split over
+    ``processes`` processes (this one and processes-1 workers); see the module docstring."""
+
+    def __init__(self, model, criterion, processes: int | None = None):
+        reason = refusal(model)
+        if reason is not None:
+            raise ValueError(f"cannot train this model with replicas: {reason}")
+        self.model, self.criterion = model, criterion
+        self.processes = default_processes(model) if processes is None else int(processes)
+        if self.processes < 1:
+            raise ValueError(f"need at least one process, got {self.processes}")
+        slots = _slots(model)
+        layouts = [(module.params[key].shape, module.params[key].dtype) for module, key in slots]
+        self._params = _SharedArrays(layouts)
+        for (module, key), view in zip(slots, self._params.arrays):
+            view[...] = module.params[key]
+            module.params[key] = view                # the optimizer now updates shared memory
+        self._workers = []
+        context = multiprocessing.get_context("spawn")   # no fork of a process with threads
+        for _ in range(self.processes - 1):
+            grads = _SharedArrays(layouts)
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_worker, daemon=True, name="minicnn-replica",
+                                      args=(theirs, model, criterion, self._params.spec,
+                                            grads.spec))
+            process.start()
+            theirs.close()
+            self._workers.append({"process": process, "connection": ours, "grads": grads,
+                                  "inputs": None})
+        # close() when this object is dropped or at exit, if nobody called it
+        self._finalizer = weakref.finalize(self, _shut_down, model, self._params, self._workers)
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [worker["process"].pid for worker in self._workers]
+
+    def _check_parameters(self) -> None:
+        """Put back into shared memory any parameter that was replaced by a new array
+        since (loading weights does that), so that the workers see it."""
+        for (module, key), view in zip(_slots(self.model), self._params.arrays):
+            param = module.params[key]
+            if param is not view:
+                if param.shape != view.shape or param.dtype != view.dtype:
+                    raise ValueError(f"parameter {key!r} changed shape or dtype since the "
+                                     "replicas were made; make new Replicas")
+                view[...] = backend.to_host(param)
+                module.params[key] = view
+
+    @staticmethod
+    def _inputs_for(worker, x, labels):
+        """The worker's shared block for this part (x, labels), made anew when the part's
+        shapes change (the last batch of an epoch is smaller)."""
+        layouts = [(x.shape, x.dtype), (labels.shape, labels.dtype)]
+        block = worker["inputs"]
+        if block is None or block.layouts != [(tuple(s), np.dtype(d).str) for s, d in layouts]:
+            if block is not None:
+                block.close()
+            block = worker["inputs"] = _SharedArrays(layouts)
+        return block
+
+    def forward_backward(self, x, labels):
+        """Forward, loss and backward of the batch: fills the model's grads with dL/dθ of
+        the mean loss over the whole batch; returns (loss, logits) as forward would."""
+        n = len(labels)
+        if len(x) != n:
+            raise ValueError(f"{len(x)} images but {n} labels")
+        self._check_parameters()
+        parts = min(self.processes, n)
+        bounds = [n * k // parts for k in range(parts + 1)]
+        busy = []
+        for worker, start, stop in zip(self._workers, bounds[1:-1], bounds[2:]):
+            block = self._inputs_for(worker, x[start:stop], labels[start:stop])
+            block.arrays[0][...] = x[start:stop]
+            block.arrays[1][...] = labels[start:stop]
+            worker["connection"].send(("step", block.spec, n))
+            busy.append((worker, block))
+        try:
+            with parallel.in_calling_thread():
+                parallel.hold_blas_to_one_thread()
+                head = slice(0, bounds[1])
+                logits_head = self.model.forward(x[head])
+                loss = self.criterion.forward(logits_head, labels[head]) * (bounds[1] / n)
+                self.model.backward(self.criterion.backward() * (bounds[1] / n))
+        finally:
+            replies = [worker["connection"].recv() for worker, _ in busy]
+        failed = [reply[1] for reply in replies if reply[0] == "error"]
+        if failed:
+            raise RuntimeError(f"a replica's step failed:\n{failed[0]}")
+        logits = [logits_head]
+        for (worker, _), (_, part_loss, part_logits), start, stop in zip(
+                busy, replies, bounds[1:], bounds[2:]):
+            loss = loss + part_loss * ((stop - start) / n)
+            for (module, key), grad in zip(_slots(self.model), worker["grads"].arrays):
+                module.grads[key] = module.grads[key] + grad
+            logits.append(part_logits)
+        return np.asarray(loss, dtype=logits_head.dtype), np.concatenate(logits)
+
+    def close(self) -> None:
+        """Stop the workers and free the shared memory (the model keeps its parameters,
+        copied back into ordinary arrays)."""
+        self._finalizer()
+
+    def __enter__(self) -> Replicas:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _shut_down(model, params: _SharedArrays, workers: list) -> None:
+    """Replicas.close(): stop the workers, give the model ordinary arrays again, free the
+    shared memory. Runs once (weakref.finalize)."""
+    for worker in workers:
+        try:
+            worker["connection"].send(("stop",))
+        except OSError:                                # the worker is gone already
+            pass
+    for worker in workers:
+        worker["process"].join(timeout=10)
+        worker["connection"].close()
+        worker["grads"].close()
+        if worker["inputs"] is not None:
+            worker["inputs"].close()
+    workers.clear()
+    for (module, key), view in zip(_slots(model), params.arrays):
+        if module.params[key] is view:
+            module.params[key] = view.copy()
+    params.close()

@@ -1,0 +1,139 @@
+"""minicnn.replicas: a batch split over processes gives the loss, logits and grads of
+the whole batch in one process (the plain version), step after step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minicnn import models, replicas
+from minicnn.losses import SoftmaxCrossEntropy
+from minicnn.optim import SGD
+from minicnn.replicas import Replicas
+
+TOLERANCE = {np.float64: 1e-12, np.float32: 2e-5}     # relative to each array's largest entry
+
+
+def twin_models(dtype, name="lenet"):
+    """Two copies of one model (same parameters), first layer without input gradient."""
+    first, second = models.build_model(name).astype(dtype), models.build_model(name).astype(dtype)
+    for (_, a, key), (_, b, _) in zip(first.named_parameters(), second.named_parameters()):
+        b.params[key] = a.params[key].copy()
+    for model in (first, second):
+        model.needs_input_grad = False
+    return first, second
+
+
+def batch(n, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 3, 32, 32)).astype(dtype), rng.integers(0, 10, n)
+
+
+def plain_step(model, criterion, x, labels):
+    logits = model.forward(x)
+    loss = criterion.forward(logits, labels)
+    model.backward(criterion.backward())
+    return loss, logits
+
+
+def assert_close(actual, expected, dtype):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    scale = max(float(np.abs(expected).max()), 1e-30)
+    assert float(np.abs(actual - expected).max()) <= TOLERANCE[dtype] * scale
+
+
+def assert_same_grads(first, second, dtype):
+    for (name, a, key), (_, b, _) in zip(first.named_parameters(), second.named_parameters()):
+        assert_close(b.grads[key], a.grads[key], dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_split_batch_gives_the_whole_batchs_loss_logits_and_grads(dtype):
+    plain, split = twin_models(dtype)
+    x, labels = batch(37, dtype)               # 12 + 12 + 13 images: parts of unequal size
+    loss, logits = plain_step(plain, SoftmaxCrossEntropy(), x, labels)
+    with Replicas(split, SoftmaxCrossEntropy(), processes=3) as group:
+        split_loss, split_logits = group.forward_backward(x, labels)
+    assert_close(split_loss, loss, dtype)
+    assert split_logits.shape == (37, 10)
+    assert_close(split_logits, logits, dtype)
+    assert_same_grads(plain, split, dtype)
+
+
+def test_sgd_steps_in_the_calling_process_reach_the_workers():
+    """Three steps with SGD in between, and a smaller last batch, as in an epoch."""
+    plain, split = twin_models(np.float64)
+    criterion = SoftmaxCrossEntropy(label_smoothing=0.1)
+    steps = [batch(16, np.float64, seed) for seed in (1, 2)] + [batch(5, np.float64, 3)]
+    optimizers = [SGD(model, 0.1, momentum=0.9, weight_decay=5e-4) for model in (plain, split)]
+    with Replicas(split, SoftmaxCrossEntropy(label_smoothing=0.1), processes=2) as group:
+        for x, labels in steps:
+            loss, _ = plain_step(plain, criterion, x, labels)
+            split_loss, _ = group.forward_backward(x, labels)
+            assert_close(split_loss, loss, np.float64)
+            assert_same_grads(plain, split, np.float64)
+            for optimizer in optimizers:
+                optimizer.step()
+
+
+def test_a_replaced_parameter_is_used_and_a_reshaped_one_refused():
+    plain, split = twin_models(np.float64)
+    x, labels = batch(8, np.float64)
+    with Replicas(split, SoftmaxCrossEntropy(), processes=2) as group:
+        new_bias = np.linspace(-1, 1, 10)                 # as loading weights would do
+        plain.layers[-1].params["bias"] = new_bias.copy()
+        split.layers[-1].params["bias"] = new_bias.copy()
+        loss, _ = plain_step(plain, SoftmaxCrossEntropy(), x, labels)
+        split_loss, _ = group.forward_backward(x, labels)
+        assert_close(split_loss, loss, np.float64)
+        assert_same_grads(plain, split, np.float64)
+        split.layers[-1].params["bias"] = np.zeros(11)
+        with pytest.raises(ValueError, match="changed shape"):
+            group.forward_backward(x, labels)
+
+
+def test_fewer_images_than_processes_and_a_workers_error():
+    plain, split = twin_models(np.float64)
+    x, labels = batch(4, np.float64)
+    with Replicas(split, SoftmaxCrossEntropy(), processes=3) as group:
+        loss, _ = plain_step(plain, SoftmaxCrossEntropy(), x[:1], labels[:1])
+        split_loss, logits = group.forward_backward(x[:1], labels[:1])   # all in this process
+        assert logits.shape == (1, 10)
+        assert_close(split_loss, loss, np.float64)
+        bad = labels.copy()
+        bad[-1] = 99                                      # in the last worker's part
+        with pytest.raises(RuntimeError, match="replica's step failed"):
+            group.forward_backward(x, bad)
+        group.forward_backward(x, labels)                 # and it goes on working
+        with pytest.raises(ValueError, match="4 images but 3 labels"):
+            group.forward_backward(x, labels[:3])
+
+
+def test_close_gives_the_model_ordinary_arrays_and_stops_the_workers():
+    _, split = twin_models(np.float32)
+    before = {name: module.params[key].copy() for name, module, key in split.named_parameters()}
+    group = Replicas(split, SoftmaxCrossEntropy(), processes=2)
+    processes = [worker["process"] for worker in group._workers]
+    group.close()
+    assert all(not process.is_alive() for process in processes)
+    for name, module, key in split.named_parameters():
+        param = module.params[key]
+        assert param.base is None                 # its own memory, not a view of shared memory
+        np.testing.assert_array_equal(param, before[name])
+    group.close()                                         # a second close does nothing
+
+
+def test_models_with_batch_statistics_are_refused():
+    airnet = models.build_model("airnet")
+    assert "BatchNorm" in replicas.refusal(airnet)
+    assert replicas.default_processes(airnet) == 1
+    with pytest.raises(ValueError, match="batch statistics"):
+        Replicas(airnet, SoftmaxCrossEntropy(), processes=2)
+
+
+def test_minicnn_processes_sets_the_default(monkeypatch):
+    lenet = models.build_model("lenet")
+    monkeypatch.setenv("MINICNN_PROCESSES", "3")
+    assert replicas.default_processes(lenet) == 3
+    monkeypatch.setenv("MINICNN_PROCESSES", "1")
+    assert replicas.default_processes(lenet) == 1
