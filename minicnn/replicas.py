@@ -104,6 +104,8 @@ class _SharedArrays:
         return cls(layouts, name=name)
 
     def close(self) -> None:
+        """Unmap the block (and, in the process that made it, free it): no view of it may
+        be used afterwards."""
         self.arrays = []
         self.memory.close()
         if self.owner:
@@ -141,7 +143,8 @@ def _worker(connection, model, criterion, params_spec, grads_spec) -> None:
                 for block in inputs.values():
                     block.close()
                 inputs = {name: _SharedArrays.attach(inputs_spec)}
-            x, labels = inputs[name].arrays
+            # copies: the model's caches must not point into a block that is closed later
+            x, labels = (array.copy() for array in inputs[name].arrays)
             logits = model.forward(x)
             loss = criterion.forward(logits, labels)
             model.backward(criterion.backward() * (len(labels) / total))
@@ -150,7 +153,7 @@ def _worker(connection, model, criterion, params_spec, grads_spec) -> None:
             connection.send(("done", float(loss), logits))
         except Exception:  # noqa: BLE001 (sent to the calling process, raised there)
             connection.send(("error", traceback.format_exc()))
-    model = x = labels = None           # drop the views of shared memory before closing it
+    model = None                        # drop the views of shared memory before closing it
     for block in (*inputs.values(), params, grads):
         block.close()
 
