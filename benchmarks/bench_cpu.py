@@ -30,11 +30,17 @@ picks them for the CPU, unless the environment variable OPENBLAS_CORETYPE
 names them: on an AVX-512 CPU, OPENBLAS_CORETYPE=Haswell holds NumPy's matrix
 products to AVX2 while PyTorch still uses AVX-512.
 
-``--scaling`` asks what the other threads are worth: for each engine and case,
-rounds alternate between one thread and the default (one per CPU), in one
-process, and it prints both medians and their ratio, the speedup. NumPy's BLAS
-is held to one thread throughout, as minicnn holds it whenever it runs its own
-threads (minicnn.parallel), so for minicnn only its own threads change.
+minicnn trains as fit() does: on a CPU with several cores, each batch split
+over processes (minicnn.replicas), one per CPU; with ``--threads N``, N of them.
+Peak memory then adds up the growth of every process.
+
+``--scaling`` asks what the other CPUs are worth: for each engine and case,
+rounds alternate between one CPU and the default (all of them), in one
+process, and it prints both medians and their ratio, the speedup. On one CPU
+both engines run one thread; on all, PyTorch runs its threads, and minicnn its
+processes (training) or threads (inference). NumPy's BLAS is held to one
+thread throughout, as minicnn holds it whenever it runs its own threads or
+processes.
 
 PyTorch (``pip install torch``) is optional: without it only minicnn's own
 numbers are printed. minicnn itself never imports it.
@@ -207,7 +213,7 @@ def print_scaling(names, rounds: int, seconds: float) -> None:
     from threadpoolctl import threadpool_limits
     threadpool_limits(limits=1, user_api="blas")       # as minicnn holds it with several threads
     many = parallel.workers()
-    print(f"{'model':<10}{'case':<12}{'engine':<9}{'1 thread':>10}{f'{many} threads':>12}"
+    print(f"{'model':<10}{'case':<12}{'engine':<9}{'1 CPU':>10}{f'{many} CPUs':>12}"
           f"{'speedup':>9}")
     for name in names:
         for mode, batch_size in CASES:

@@ -22,6 +22,14 @@ job is one put, and the caller collects one message per helper. That is
 lighter than a ThreadPoolExecutor's submit and Future: a lenet training step
 at batch 64 took 3% less time (measured in one process, alternating the two).
 
+Threads share one GIL, and NumPy takes it back after every call: two threads
+that each make many short calls wait on each other, so on a 2-vCPU machine the
+second thread made lenet's training step at batch 64 only 6-10% faster
+(README, Speed). Training therefore splits each batch over processes instead
+(minicnn.replicas), each running its part in its calling thread
+(:func:`in_calling_thread`); these threads still serve inference and the
+models that replicas do not take.
+
 On CuPy everything runs in the calling thread: the GPU is already parallel.
 One model at a time: the helper threads and the layers' scratch buffers are
 shared, so minicnn must not be called from several threads at once.
