@@ -48,6 +48,7 @@ from multiprocessing import shared_memory
 import numpy as np
 
 from minicnn import backend, parallel
+from minicnn.errors import MinicnnError
 
 PROCESSES_VARIABLE = "MINICNN_PROCESSES"
 
@@ -59,7 +60,12 @@ def default_processes(model) -> int:
     if refusal(model) is not None:
         return 1
     value = os.environ.get(PROCESSES_VARIABLE)
-    return max(1, int(value)) if value else parallel.workers()
+    if not value:
+        return parallel.workers()
+    if not value.isdigit() or int(value) < 1:
+        raise MinicnnError(f"{PROCESSES_VARIABLE} must be a whole number of at least 1, "
+                           f"got {value!r}")
+    return int(value)
 
 
 def refusal(model) -> str | None:
@@ -110,6 +116,15 @@ class _SharedArrays:
         self.memory.close()
         if self.owner:
             self.memory.unlink()
+
+
+def _reply(worker) -> tuple:
+    """The worker's answer to its step: ("done", loss, logits) or ("error", text)."""
+    try:
+        return worker["connection"].recv()
+    except (EOFError, OSError):
+        code = worker["process"].exitcode
+        return "error", f"the replica's process exited (exit code {code}) during the step"
 
 
 def _slots(model):
@@ -233,7 +248,11 @@ class Replicas:
             block = self._inputs_for(worker, x[start:stop], labels[start:stop])
             block.arrays[0][...] = x[start:stop]
             block.arrays[1][...] = labels[start:stop]
-            worker["connection"].send(("step", block.spec, n))
+            try:
+                worker["connection"].send(("step", block.spec, n))
+            except OSError as error:
+                raise RuntimeError(f"a replica's process has exited "
+                                   f"(exit code {worker['process'].exitcode})") from error
             busy.append((worker, block))
         try:
             with parallel.in_calling_thread():
@@ -243,7 +262,7 @@ class Replicas:
                 loss = self.criterion.forward(logits_head, labels[head]) * (bounds[1] / n)
                 self.model.backward(self.criterion.backward() * (bounds[1] / n))
         finally:
-            replies = [worker["connection"].recv() for worker, _ in busy]
+            replies = [_reply(worker) for worker, _ in busy]
         failed = [reply[1] for reply in replies if reply[0] == "error"]
         if failed:
             raise RuntimeError(f"a replica's step failed:\n{failed[0]}")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from minicnn import models, replicas
+from minicnn.errors import MinicnnError
 from minicnn.losses import SoftmaxCrossEntropy
 from minicnn.optim import SGD
 from minicnn.replicas import Replicas
@@ -137,3 +138,20 @@ def test_minicnn_processes_sets_the_default(monkeypatch):
     assert replicas.default_processes(lenet) == 3
     monkeypatch.setenv("MINICNN_PROCESSES", "1")
     assert replicas.default_processes(lenet) == 1
+
+
+def test_a_bad_minicnn_processes_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv("MINICNN_PROCESSES", "two")
+    with pytest.raises(MinicnnError, match="MINICNN_PROCESSES must be a whole number"):
+        replicas.default_processes(models.build_model("lenet"))
+
+
+def test_a_worker_that_dies_is_reported_not_waited_for():
+    _, split = twin_models(np.float32)
+    x, labels = batch(8, np.float32)
+    with Replicas(split, SoftmaxCrossEntropy(), processes=2) as group:
+        group.forward_backward(x, labels)
+        group._workers[0]["process"].kill()
+        group._workers[0]["process"].join()
+        with pytest.raises(RuntimeError, match="process has exited"):
+            group.forward_backward(x, labels)
