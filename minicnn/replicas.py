@@ -87,7 +87,8 @@ class _SharedArrays:
         offsets, size = [], 0
         for shape, dtype in self.layouts:
             offsets.append(size)
-            size += -(-math.prod(shape) * np.dtype(dtype).itemsize // 64) * 64   # 64-byte aligned
+            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+            size += math.ceil(nbytes / 64) * 64          # each array starts 64-byte aligned
         self.offsets = offsets
         if name is None:
             self.memory = shared_memory.SharedMemory(create=True, size=max(size, 64))
