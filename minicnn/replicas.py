@@ -120,12 +120,13 @@ class _SharedArrays:
 
 
 def _reply(worker) -> tuple:
-    """The worker's answer to its step: ("done", loss, logits) or ("error", text)."""
+    """The worker's next message: ("ready",), ("done", loss, logits) or ("error", text)."""
     try:
         return worker["connection"].recv()
     except (EOFError, OSError):
+        worker["process"].join(timeout=10)
         code = worker["process"].exitcode
-        return "error", f"the replica's process exited (exit code {code}) during the step"
+        return "error", f"the replica's process exited (exit code {code})"
 
 
 def _slots(model):
@@ -144,6 +145,7 @@ def _worker(connection, model, criterion, params_spec, grads_spec) -> None:
         module.params[key] = view
     model.train()
     model.needs_input_grad = False
+    connection.send(("ready",))
     inputs = {}                                       # block name -> attached block
     while True:
         try:
@@ -206,6 +208,11 @@ class Replicas:
                                   "inputs": None})
         # close() when this object is dropped or at exit, if nobody called it
         self._finalizer = weakref.finalize(self, _shut_down, model, self._params, self._workers)
+        for worker in self._workers:                  # each has its copy of the model now
+            answer = _reply(worker)
+            if answer[0] != "ready":
+                self.close()
+                raise RuntimeError(f"a replica's process did not start: {answer[1]}")
 
     @property
     def worker_pids(self) -> list[int]:
