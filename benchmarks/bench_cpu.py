@@ -63,7 +63,7 @@ from minicnn.layers import Sequential
 from minicnn.layers.fused import ConvReluPool
 from minicnn.losses import SoftmaxCrossEntropy
 from minicnn.optim import SGD
-from minicnn.replicas import Replicas, default_processes
+from minicnn.replicas import Replicas, default_processes, forward_backward
 
 CASES = (("train", 64), ("train", 256), ("infer", 1000))
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
@@ -111,9 +111,7 @@ class MinicnnRunner:
         if self.split:
             self.replicas.forward_backward(self.x, self.labels)
         else:
-            logits = self.model.forward(self.x)
-            self.criterion.forward(logits, self.labels)
-            self.model.backward(self.criterion.backward())
+            forward_backward(self.model, self.criterion, self.x, self.labels)
         self.optimizer.step()
 
 

@@ -83,7 +83,7 @@ class _SharedArrays:
     another process attach to the same block (:meth:`attach`)."""
 
     def __init__(self, layouts, name: str | None = None):
-        self.layouts = [(tuple(shape), np.dtype(dtype).str) for shape, dtype in layouts]
+        self.layouts = self.normalized(layouts)
         offsets, size = [], 0
         for shape, dtype in self.layouts:
             offsets.append(size)
@@ -101,6 +101,11 @@ class _SharedArrays:
         self.arrays = [np.ndarray(shape, dtype, buffer=self.memory.buf, offset=offset)
                        for (shape, dtype), offset in zip(self.layouts, offsets)]
 
+    @staticmethod
+    def normalized(layouts) -> list:
+        """[(shape tuple, dtype string), ...]: comparable, and picklable as the spec."""
+        return [(tuple(shape), np.dtype(dtype).str) for shape, dtype in layouts]
+
     @property
     def spec(self):
         return self.memory.name, self.layouts
@@ -117,6 +122,19 @@ class _SharedArrays:
         self.memory.close()
         if self.owner:
             self.memory.unlink()
+
+
+def forward_backward(model, criterion, x, labels, share: float = 1.0):
+    """The plain step in one process: forward, loss and backward of ``model`` on (x,
+    labels), the loss and its gradient scaled by ``share`` (a part's n_k / N, see the
+    module docstring); returns (loss, logits). Replicas runs it on every part."""
+    logits = model.forward(x)
+    loss = criterion.forward(logits, labels)
+    gradient = criterion.backward()
+    if share != 1.0:
+        loss, gradient = loss * share, gradient * share
+    model.backward(gradient)
+    return loss, logits
 
 
 def _reply(worker) -> tuple:
@@ -141,7 +159,8 @@ def _worker(connection, model, criterion, params_spec, grads_spec) -> None:
     parallel.set_workers(1)
     parallel.hold_blas_to_one_thread()
     params, grads = _SharedArrays.attach(params_spec), _SharedArrays.attach(grads_spec)
-    for (module, key), view in zip(_slots(model), params.arrays):
+    slots = _slots(model)
+    for (module, key), view in zip(slots, params.arrays):
         module.params[key] = view
     model.train()
     model.needs_input_grad = False
@@ -163,15 +182,13 @@ def _worker(connection, model, criterion, params_spec, grads_spec) -> None:
                 inputs = {name: _SharedArrays.attach(inputs_spec)}
             # copies: the model's caches must not point into a block that is closed later
             x, labels = (array.copy() for array in inputs[name].arrays)
-            logits = model.forward(x)
-            loss = criterion.forward(logits, labels)
-            model.backward(criterion.backward() * (len(labels) / total))
-            for (module, key), out in zip(_slots(model), grads.arrays):
+            loss, logits = forward_backward(model, criterion, x, labels, len(labels) / total)
+            for (module, key), out in zip(slots, grads.arrays):
                 out[...] = module.grads[key]
             connection.send(("done", float(loss), logits))
         except Exception:  # noqa: BLE001 (sent to the calling process, raised there)
             connection.send(("error", traceback.format_exc()))
-    model = None                        # drop the views of shared memory before closing it
+    model = slots = None                # drop the views of shared memory before closing it
     for block in (*inputs.values(), params, grads):
         block.close()
 
@@ -188,12 +205,13 @@ class Replicas:
         self.processes = default_processes(model) if processes is None else int(processes)
         if self.processes < 1:
             raise ValueError(f"need at least one process, got {self.processes}")
-        slots = _slots(model)
+        self._slots = slots = _slots(model)          # (module, key) stay; the arrays may not
         layouts = [(module.params[key].shape, module.params[key].dtype) for module, key in slots]
         self._params = _SharedArrays(layouts)
         for (module, key), view in zip(slots, self._params.arrays):
             view[...] = module.params[key]
             module.params[key] = view                # the optimizer now updates shared memory
+        parallel.hold_blas_to_one_thread()           # this process runs a part too
         self._workers = []
         context = multiprocessing.get_context("spawn")   # no fork of a process with threads
         for _ in range(self.processes - 1):
@@ -221,7 +239,7 @@ class Replicas:
     def _check_parameters(self) -> None:
         """Put back into shared memory any parameter that was replaced by a new array
         since (loading weights does that), so that the workers see it."""
-        for (module, key), view in zip(_slots(self.model), self._params.arrays):
+        for (module, key), view in zip(self._slots, self._params.arrays):
             param = module.params[key]
             if param is not view:
                 if param.shape != view.shape or param.dtype != view.dtype:
@@ -236,7 +254,7 @@ class Replicas:
         shapes change (the last batch of an epoch is smaller)."""
         layouts = [(x.shape, x.dtype), (labels.shape, labels.dtype)]
         block = worker["inputs"]
-        if block is None or block.layouts != [(tuple(s), np.dtype(d).str) for s, d in layouts]:
+        if block is None or block.layouts != _SharedArrays.normalized(layouts):
             if block is not None:
                 block.close()
             block = worker["inputs"] = _SharedArrays(layouts)
@@ -264,21 +282,18 @@ class Replicas:
             busy.append((worker, block))
         try:
             with parallel.in_calling_thread():
-                parallel.hold_blas_to_one_thread()
                 head = slice(0, bounds[1])
-                logits_head = self.model.forward(x[head])
-                loss = self.criterion.forward(logits_head, labels[head]) * (bounds[1] / n)
-                self.model.backward(self.criterion.backward() * (bounds[1] / n))
+                loss, logits_head = forward_backward(self.model, self.criterion, x[head],
+                                                     labels[head], bounds[1] / n)
         finally:
             replies = [_reply(worker) for worker, _ in busy]
         failed = [reply[1] for reply in replies if reply[0] == "error"]
         if failed:
             raise RuntimeError(f"a replica's step failed:\n{failed[0]}")
         logits = [logits_head]
-        for (worker, _), (_, part_loss, part_logits), start, stop in zip(
-                busy, replies, bounds[1:], bounds[2:]):
-            loss = loss + part_loss * ((stop - start) / n)
-            for (module, key), grad in zip(_slots(self.model), worker["grads"].arrays):
+        for (worker, _), (_, part_loss, part_logits) in zip(busy, replies):
+            loss = loss + part_loss                       # scaled by its share already
+            for (module, key), grad in zip(self._slots, worker["grads"].arrays):
                 module.grads[key] = module.grads[key] + grad
             logits.append(part_logits)
         return np.asarray(loss, dtype=logits_head.dtype), np.concatenate(logits)

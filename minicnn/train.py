@@ -38,7 +38,7 @@ from minicnn.checkpoint import (CheckpointError, load_parameters, read_npz, save
 from minicnn.errors import MinicnnError
 from minicnn.losses import SoftmaxCrossEntropy
 from minicnn.optim import SGD, make_schedule, norm_and_bias_names
-from minicnn.replicas import Replicas, default_processes
+from minicnn.replicas import Replicas, default_processes, forward_backward
 
 PROGRESS_EVERY = 20   # steps between reads of the running loss (one host sync each)
 
@@ -205,9 +205,7 @@ def train_epoch(model, criterion, optimizer, schedule, images, labels, plan, con
             if replicas is not None:
                 loss, logits = replicas.forward_backward(x, t)
             else:
-                logits = model.forward(x)
-                loss = criterion.forward(logits, t)
-                model.backward(criterion.backward())
+                loss, logits = forward_backward(model, criterion, x, t)
             optimizer.lr = schedule(epoch * steps_per_epoch + step)
             optimizer.step()
             totals.loss_sum += loss * (stop_index - start)
