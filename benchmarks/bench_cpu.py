@@ -4,7 +4,7 @@
     python benchmarks/bench_cpu.py --models lenet --rounds 9
     python benchmarks/bench_cpu.py --profile          # time per layer, forward and backward
     python benchmarks/bench_cpu.py --threads 1        # both engines on one thread
-    python benchmarks/bench_cpu.py --scaling          # each engine on 1 thread against all
+    python benchmarks/bench_cpu.py --scaling          # each engine on 1 CPU against all
 
 What is timed, on random float32 data of shape (N, 3, 32, 32):
 
@@ -365,7 +365,7 @@ def main() -> None:
                         help="print time per layer (forward, backward) instead")
     parser.add_argument("--profile-steps", type=int, default=50)
     parser.add_argument("--scaling", action="store_true",
-                        help="each engine on 1 thread against its default, one per CPU")
+                        help="each engine on 1 CPU against all of them")
     parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
