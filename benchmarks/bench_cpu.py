@@ -58,12 +58,14 @@ import time
 
 import numpy as np
 
-from minicnn import models, parallel
+from minicnn import models
+from minicnn.fast import parallel
 from minicnn.layers import Sequential
-from minicnn.layers.fused import ConvReluPool
+from minicnn.fast.fused import ConvReluPool, plan
 from minicnn.losses import SoftmaxCrossEntropy
 from minicnn.optim import SGD
-from minicnn.replicas import Replicas, default_processes, forward_backward
+from minicnn.fast.replicas import Replicas, default_processes
+from minicnn.train import forward_backward
 
 CASES = (("train", 64), ("train", 256), ("infer", 1000))
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
@@ -87,7 +89,7 @@ class MinicnnRunner:
     def __init__(self, name: str, mode: str, batch_size: int):
         self.model = models.build_model(name)
         self.model.train(mode == "train")
-        self.model.needs_input_grad = False      # no gradient for the image itself
+        self.model.set_needs_input_grad(False)      # no gradient for the image itself
         self.mode = mode
         self.x, self.labels = random_batch(batch_size)
         self.criterion = SoftmaxCrossEntropy()
@@ -258,9 +260,9 @@ def peak_memory_mb(engine: str, name: str, mode: str, batch_size: int):
 def profile(name: str, batch_size: int, steps: int) -> None:
     """Print mean milliseconds per layer, forward and backward, over ``steps`` steps.
 
-    A fused Conv2d, ReLU, MaxPool2d run (minicnn.layers.fused) is one line."""
+    A fused Conv2d, ReLU, MaxPool2d run (minicnn.fast.fused) is one line."""
     runner = MinicnnRunner(name, "train", batch_size)
-    parts = runner.model.steps()           # what Sequential.forward runs, in order
+    parts = plan(runner.model.layers)      # what FastSequential.forward runs, in order
     labels, first = [], 0
     for part in parts:
         count = 3 if isinstance(part, ConvReluPool) else 1
@@ -275,7 +277,6 @@ def profile(name: str, batch_size: int, steps: int) -> None:
     backward = [0.0] * len(parts)
     other = {"loss": 0.0, "sgd": 0.0}
     warm_up(runner)
-    runner.model.layers[0].needs_input_grad = False     # as Sequential.backward would set it
     for _ in range(steps):
         x = runner.x
         for index, part in enumerate(parts):

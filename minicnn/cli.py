@@ -14,7 +14,7 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from minicnn import __version__, backend, data
+from minicnn import __version__, backend, data, kernels
 from minicnn.checkpoint import FORMAT, CheckpointError, load_model, read_metadata
 from minicnn.errors import MinicnnError
 from minicnn.images import load_image, load_images
@@ -24,6 +24,13 @@ from minicnn.optim import SCHEDULES
 from minicnn.trace import trace_step
 from minicnn.train import (TrainConfig, TrainingInterrupted, evaluate, fit, predict_logits,
                            state_path)
+
+KERNELS_HELP = ("compute with the reference layers (the textbook code of minicnn/layers/) or "
+                "the fast kernels (minicnn/fast/); default: $MINICNN_KERNELS, else fast")
+
+
+def add_kernels_option(p) -> None:
+    p.add_argument("--kernels", choices=kernels.NAMES, help=KERNELS_HELP)
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -94,6 +101,7 @@ def add_train_parser(subparsers) -> None:
                               description="Train a model on CIFAR-10. Every option has a sane "
                               "default; with --resume the saved run's options are used.")
     p.add_argument("--backend", choices=backend.NAMES, default="numpy")
+    add_kernels_option(p)
     p.add_argument("--model", choices=sorted(MODELS), help=f"architecture (default {d.model})")
     p.add_argument("--epochs", type=positive_int, help=f"default {d.epochs}")
     p.add_argument("--batch-size", type=positive_int, help=f"default {d.batch_size}")
@@ -187,6 +195,7 @@ def add_model_options(p, batch_size: int, json_help: str) -> None:
     """The options evaluate and classify share: which weights, where, how."""
     p.add_argument("--weights", help="weights file (default: the best one in weights/)")
     p.add_argument("--backend", choices=backend.NAMES, default="numpy")
+    add_kernels_option(p)
     p.add_argument("--batch-size", type=positive_int, default=batch_size)
     p.add_argument("--json", action="store_true", help=json_help)
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
@@ -286,6 +295,7 @@ def add_trace_parser(subparsers) -> None:
                                    "predicted class)")
     p.add_argument("--weights", help="weights file (default: weights/lenet_cifar10.npz, "
                                      "the seed network)")
+    add_kernels_option(p)
     p.set_defaults(handler=run_trace)
 
 
@@ -304,7 +314,7 @@ def run_trace(args) -> int:
     else:
         raise MinicnnError(f"--label must be a class name ({', '.join(names)}) "
                            f"or an index below {len(names)}, got {args.label!r}")
-    print(f"{args.image} through {weights}\n")
+    print(f"{args.image} through {weights}, on the {kernels.of(model)} kernels\n")
     print("\n".join(trace_step(model, x, label, names)))
     return 0
 
@@ -325,6 +335,7 @@ def build_parser() -> ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        kernels.use(args.kernels)
         return args.handler(args)
     except (MinicnnError, OSError) as exc:     # OSError: disk full, permission denied, ...
         print(f"minicnn {args.command}: error: {exc}", file=sys.stderr)

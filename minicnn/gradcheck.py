@@ -86,7 +86,7 @@ def check_module(module, x, upstream=None, eps: float = 1e-6, seed: int = 0,
     y = module.forward(x)
     if upstream is None:
         upstream = backend.make_rng(seed).standard_normal(y.shape)
-    module.needs_input_grad = input_grad
+    module.set_needs_input_grad(input_grad)
     analytic_input = module.backward(upstream)
     analytic = {name: m.grads[k].copy() for name, m, k in parameters}
 

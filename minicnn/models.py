@@ -2,13 +2,15 @@
 
 Register a new one with the ``@register("name")`` decorator; its keyword
 arguments are its config, saved in weights files so ``load_model`` can
-rebuild it.
+rebuild it. A builder returns a model of reference layers; build_model sets it
+up on the default kernels (minicnn.kernels).
 """
 
 from __future__ import annotations
 
 import inspect
 
+from minicnn import kernels
 from minicnn.errors import MinicnnError
 from minicnn.layers import (BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Scale,
                             Sequential)
@@ -35,14 +37,15 @@ def check_config(name: str, config: dict) -> None:
 
 
 def build_model(name: str, **config):
-    """Build a registered model with fresh parameters from the backend's generator."""
+    """Build a registered model with fresh parameters from the backend's generator, set
+    up on the default kernels (minicnn.kernels.default())."""
     check_config(name, config)
     try:
         model = MODELS[name](**config)
     except ValueError as exc:                 # a value the builder refuses, e.g. width=0
         raise MinicnnError(f"bad config for model {name!r}: {exc}") from None
     model.name, model.config = name, dict(config)
-    return model
+    return kernels.prepare(model)
 
 
 @register("lenet")

@@ -45,7 +45,7 @@ def trace_step(model: Sequential, x, label: int, class_names=None) -> list[str]:
     grad = criterion.backward()
     lines.append(f"   dL/dlogits                   {tuple(grad.shape)!s:<18} "
                  f"norm {_norm(grad):.4g}")
-    model.layers[0].needs_input_grad = True
+    model.set_needs_input_grad(True)
     for index in reversed(range(len(model.layers))):
         layer = model.layers[index]
         grad = layer.backward(grad)

@@ -8,10 +8,11 @@ One training step, with data flowing one way::
     model.backward(criterion.backward())      # fills every layer's grads
     optimizer.step()                          # p -= lr * (momentum-adjusted) grad
 
-On a CPU with several cores, the forward, loss and backward of each batch are
-split over processes instead, each with a copy of the model, and the grads
-summed (minicnn.replicas: the same grads, up to rounding); models with
-BatchNorm, and the GPU, keep the steps above. MINICNN_PROCESSES=1 turns it off.
+The first three lines are :func:`forward_backward`. On the fast kernels, on a
+CPU with several cores, they run split over processes instead, each with a copy
+of the model, and the grads summed (minicnn.fast.replicas: the same grads, up
+to rounding); models with BatchNorm, the GPU and the reference kernels keep the
+plain step. MINICNN_PROCESSES=1 turns it off.
 
 Loss and accuracy are summed on the backend's arrays and read back to the
 host only when the progress bar is refreshed, so a GPU is not stalled every
@@ -23,6 +24,7 @@ exactly where it stopped (each epoch's randomness is drawn from its own seed).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import threading
@@ -32,13 +34,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from minicnn import backend, data
+from minicnn import backend, data, kernels
 from minicnn.checkpoint import (CheckpointError, load_parameters, read_npz, save_model,
                                  write_json_atomic, write_npz_atomic)
 from minicnn.errors import MinicnnError
 from minicnn.losses import SoftmaxCrossEntropy
 from minicnn.optim import SGD, make_schedule, norm_and_bias_names
-from minicnn.replicas import Replicas, default_processes, forward_backward
 
 PROGRESS_EVERY = 20   # steps between reads of the running loss (one host sync each)
 
@@ -167,15 +168,29 @@ class StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def forward_backward(model, criterion, x, labels, share: float = 1.0):
+    """The plain training step without the update: forward, loss and backward of
+    ``model`` on (x, labels); returns (loss, logits) and leaves dL/dθ in the grads.
+    ``share`` scales the loss and its gradient (a part's n_k / N of a batch split
+    over processes, minicnn.fast.replicas)."""
+    logits = model.forward(x)
+    loss = criterion.forward(logits, labels)
+    gradient = criterion.backward()
+    if share != 1.0:
+        loss, gradient = loss * share, gradient * share
+    model.backward(gradient)
+    return loss, logits
+
+
 @contextlib.contextmanager
 def input_gradients_off(model):
     """While training, nothing needs the gradient of the images: the first layer
     skips it. Callers get the model back with input gradients on."""
-    model.needs_input_grad = False
+    model.set_needs_input_grad(False)
     try:
         yield model
     finally:
-        model.needs_input_grad = True
+        model.set_needs_input_grad(True)
 
 
 @dataclass
@@ -186,12 +201,13 @@ class EpochTotals:
     seen: int = 0
 
 
-def train_epoch(model, criterion, optimizer, schedule, images, labels, plan, config,
+def train_epoch(step_fn, optimizer, schedule, images, labels, plan, config,
                 epoch: int, first_step: int, steps_per_epoch: int, bar_settings: dict,
-                stop: StopRequest, replicas: Replicas | None = None) -> tuple[EpochTotals, int]:
+                stop: StopRequest) -> tuple[EpochTotals, int]:
     """Run the steps of one epoch from ``first_step``; return the totals and the
     number of steps done in this epoch (fewer than steps_per_epoch if stopped).
-    ``replicas``: forward and backward split over its processes."""
+    ``step_fn(x, labels) -> (loss, logits)``: forward, loss and backward
+    (:func:`training_step`)."""
     xp = backend.xp
     totals = EpochTotals(xp.zeros((), dtype=xp.float64), xp.zeros((), dtype=xp.int64))
     batches = data.batch_slices(len(labels), config.batch_size)[first_step:]
@@ -202,10 +218,7 @@ def train_epoch(model, criterion, optimizer, schedule, images, labels, plan, con
             index = plan.order[start:stop_index]
             x = _augmented_batch(images, plan, index, config)
             t = labels[index]
-            if replicas is not None:
-                loss, logits = replicas.forward_backward(x, t)
-            else:
-                loss, logits = forward_backward(model, criterion, x, t)
+            loss, logits = step_fn(x, t)
             optimizer.lr = schedule(epoch * steps_per_epoch + step)
             optimizer.step()
             totals.loss_sum += loss * (stop_index - start)
@@ -269,16 +282,16 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
 
     metadata = {}
     with StopRequest() as stop, input_gradients_off(model), \
-            _replicas_if_they_help(model, criterion) as replicas:
+            training_step(model, criterion) as step_fn:
         for epoch in range(start_epoch, config.epochs):
             plan = data.plan_epoch(n, config.seed, epoch, crop_padding=config.crop_padding)
             first = start_step if epoch == start_epoch else 0
             bar_settings = {"desc": f"epoch {epoch + 1}/{config.epochs}", "unit": "batch",
                             "leave": False, "disable": not progress, "dynamic_ncols": True}
             epoch_start = time.perf_counter()
-            totals, step = train_epoch(model, criterion, optimizer, schedule, images, labels,
+            totals, step = train_epoch(step_fn, optimizer, schedule, images, labels,
                                        plan, config, epoch, first, steps_per_epoch,
-                                       bar_settings, stop, replicas)
+                                       bar_settings, stop)
             train_seconds = time.perf_counter() - epoch_start
             elapsed += train_seconds
             if step < steps_per_epoch:          # stopped by Ctrl-C between two steps
@@ -321,14 +334,19 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
 
 
 @contextlib.contextmanager
-def _replicas_if_they_help(model, criterion):
-    """Replicas of the model over the CPUs (minicnn.replicas), or None where there is one
-    CPU, MINICNN_PROCESSES=1, the GPU, or a model with batch statistics."""
-    if default_processes(model) == 1:
-        yield None
-        return
-    with Replicas(model, criterion) as replicas:
-        yield replicas
+def training_step(model, criterion):
+    """A function (x, labels) -> (loss, logits) that runs forward, loss and backward:
+    the batch split over processes by the replicas of the fast kernels
+    (minicnn.fast.replicas) where they help, else :func:`forward_backward`. Replicas
+    are not used on the reference kernels, where there is one CPU or
+    MINICNN_PROCESSES=1, on the GPU, or for a model with batch statistics."""
+    if kernels.of(model) == "fast":
+        from minicnn.fast.replicas import Replicas, default_processes   # imports this module
+        if default_processes(model) > 1:
+            with Replicas(model, criterion) as replicas:
+                yield replicas.forward_backward
+            return
+    yield functools.partial(forward_backward, model, criterion)
 
 
 def _restore(model, optimizer: SGD, out: Path):

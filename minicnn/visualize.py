@@ -87,7 +87,7 @@ def saliency(model: Sequential, x, class_index: int):
     logits = model.forward(x)
     upstream = backend.xp.zeros_like(logits)
     upstream[0, class_index] = 1.0
-    model.needs_input_grad = True
+    model.set_needs_input_grad(True)
     return model.backward(upstream)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minicnn import backend
+from minicnn import backend, kernels
 
 REAL_DATA = Path(os.environ.get("MINICNN_DATA", "")) if os.environ.get("MINICNN_DATA") else None
 if REAL_DATA is None:
@@ -35,9 +35,13 @@ def xp(request):
 
 @pytest.fixture(autouse=True)
 def numpy_backend_by_default():
+    """Every test starts on NumPy, seed 0, with the default kernels (a CLI test's
+    --kernels would otherwise stay the default for the tests after it)."""
     backend.use("numpy", seed=0)
+    kernels.use(None)
     yield
     backend.use("numpy", seed=0)
+    kernels.use(None)
 
 
 def write_batch(path: Path, images: np.ndarray, labels, protocol: int = 2) -> None:

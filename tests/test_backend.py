@@ -17,7 +17,7 @@ PACKAGE = Path(backend.__file__).parent
 # I/O modules use numpy for host-side file formats (npz, pickled batches, images, PNGs),
 # and replicas.py for arrays in host shared memory (it runs on the NumPy backend only).
 ALLOWED_NUMPY = {"backend.py", "data.py", "checkpoint.py", "images.py", "visualize.py",
-                 "replicas.py"}
+                 "fast/replicas.py"}
 ALLOWED_CUPY = {"backend.py"}
 
 

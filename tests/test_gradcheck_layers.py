@@ -1,15 +1,26 @@
 """Every layer's backward against central finite differences, in float64,
-with a random upstream gradient, on every available backend."""
+with a random upstream gradient, on every available backend: the reference
+layers (minicnn/layers/). tests/test_fast_kernels.py compares the fast kernels
+with them."""
 
 from __future__ import annotations
 
 import pytest
 
 from minicnn import (BatchNorm2d, Conv2d, Flatten, GlobalAvgPool2d, Linear, MaxPool2d, ReLU,
-                     Residual, Scale, Sequential, SoftmaxCrossEntropy, backend, build_model)
+                     Residual, Scale, Sequential, SoftmaxCrossEntropy, backend, build_model,
+                     kernels)
 from minicnn.gradcheck import check_loss, check_module
 
 TOLERANCE = 1e-7
+
+
+@pytest.fixture(autouse=True)
+def reference_kernels():
+    """Models from build_model run the reference layers here, as layers built by hand do."""
+    kernels.use("reference")
+    yield
+    kernels.use(None)
 
 
 def randn(shape, seed=1):
@@ -57,9 +68,11 @@ def test_conv2d(xp, in_c, out_c, k, stride, padding, hw):
 
 
 @pytest.mark.parametrize("padding,hw", [(0, (9, 8)), (2, (6, 6))])
-def test_conv2d_as_a_first_layer_with_outputs_in_pairs(xp, padding, hw):
-    """No dx: backward takes the outputs in pairs (few filters, odd kernel, even width)."""
-    conv = Conv2d(3, 6, 5, padding=padding)
+def test_fast_conv2d_as_a_first_layer_with_outputs_in_pairs(xp, padding, hw):
+    """The fast kernel too, where its backward has no reference formula to follow line
+    by line: no dx, so it takes the outputs in pairs (few filters, odd kernel, even
+    width)."""
+    conv = kernels.prepare(Conv2d(3, 6, 5, padding=padding), "fast")
     x = randn((2, 3, *hw))
     assert conv.takes_pairs_path(x) and not conv.takes_pairs_path(x, dx=True)
     conv.astype(xp.float64)
@@ -160,20 +173,20 @@ def test_airnet_end_to_end(xp):
     assert max(errors.values()) < 1e-6, errors
 
 
-@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "layer-by-layer"])
-def test_small_network_end_to_end(xp, fuse):
+@pytest.mark.parametrize("kernel", ["reference", "fast"])
+def test_small_network_end_to_end(xp, kernel):
     # ReLU kinks are hit with probability ~0 for random data at these scales.
     net = Sequential(Conv2d(2, 3, 3, padding=1), ReLU(), MaxPool2d(2), Conv2d(3, 4, 3, stride=2),
                      ReLU(), Flatten(), Linear(4, 3))
-    net.fuse = fuse
-    assert_gradients_ok(net, randn((2, 2, 8, 8)))
+    assert_gradients_ok(kernels.prepare(net, kernel), randn((2, 2, 8, 8)))
 
 
+@pytest.mark.parametrize("kernel", ["reference", "fast"])
 @pytest.mark.parametrize("input_grad", [True, False], ids=["with-dx", "as-trained"])
-def test_lenet_end_to_end(xp, input_grad):
-    """as-trained: no gradient for the image, so the first conv's backward takes its
-    outputs in pairs, as in training."""
-    model = build_model("lenet")
+def test_lenet_end_to_end(xp, input_grad, kernel):
+    """as-trained: no gradient for the image; on the fast kernels the first conv's
+    backward then takes its outputs in pairs, as in training."""
+    model = kernels.prepare(build_model("lenet"), kernel)
     model.astype(xp.float64)
     errors = check_module(model, randn((1, 3, 32, 32)), max_entries=40, input_grad=input_grad)
     assert set(errors) == parameter_names(model) | ({"input"} if input_grad else set())

@@ -1,7 +1,8 @@
 """im2col against a per-pixel reference loop; col2im is its exact adjoint.
 
-The same for the stride-1 flat versions (im2col_flat, col2im_flat, col2im_flat_rows),
-and the flat version with outputs in pairs (im2col_flat_pairs, paired_weight).
+The same for the fast kernels' stride-1 flat versions (minicnn/fast/im2col.py:
+im2col_flat, col2im_flat, col2im_flat_rows), and the flat version with outputs in pairs
+(im2col_flat_pairs, paired_weight).
 """
 
 from __future__ import annotations
@@ -10,17 +11,15 @@ import numpy as np
 import pytest
 
 from minicnn import backend
-from minicnn.im2col import (
-    col2im,
+from minicnn.fast.im2col import (
     col2im_flat,
     col2im_flat_rows,
-    im2col,
     im2col_flat,
     im2col_flat_pairs,
-    output_size,
     paired_weight,
     unpaired_weight_grad,
 )
+from minicnn.im2col import col2im, im2col, output_size
 
 CASES = [(5, 5, 1, 0), (3, 3, 2, 1), (1, 1, 1, 0), (2, 3, 2, 0), (3, 3, 1, 2)]
 

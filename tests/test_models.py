@@ -12,9 +12,9 @@ from minicnn.errors import MinicnnError
 
 def test_lenet_is_the_seed_network_without_relu_on_logits():
     model = build_model("lenet")
-    kinds = [type(layer) for layer in model.layers]
-    assert kinds == [Conv2d, ReLU, MaxPool2d, Conv2d, ReLU, MaxPool2d, Flatten,
-                     Linear, ReLU, Linear, ReLU, Linear]
+    kinds = [layer.layer_name() for layer in model.layers]
+    assert kinds == [cls.__name__ for cls in (Conv2d, ReLU, MaxPool2d, Conv2d, ReLU, MaxPool2d,
+                                              Flatten, Linear, ReLU, Linear, ReLU, Linear)]
     shapes = {name: tuple(v.shape) for name, v in model.state_dict().items()}
     assert shapes == {"0.weight": (6, 3, 5, 5), "0.bias": (6,), "3.weight": (16, 6, 5, 5),
                       "3.bias": (16,), "7.weight": (128, 400), "7.bias": (128,),
@@ -82,7 +82,7 @@ def test_layers_honour_the_input_dtype(xp, dtype):
     model = build_model("lenet").astype(dtype)
     x = backend.make_rng(0).standard_normal((2, 3, 32, 32)).astype(dtype)
     y = model.forward(x)
-    model.needs_input_grad = True
+    model.set_needs_input_grad(True)
     dx = model.backward(xp.ones_like(y))
     assert y.dtype == dtype and dx.dtype == dtype
     assert all(g.dtype == dtype for _, m in model.modules() for g in m.grads.values())
@@ -90,14 +90,14 @@ def test_layers_honour_the_input_dtype(xp, dtype):
 
 def test_first_layer_skips_the_input_gradient():
     model = build_model("lenet")
-    model.needs_input_grad = False
+    model.set_needs_input_grad(False)
     y = model.forward(np.zeros((1, 3, 32, 32), np.float32))
     assert model.backward(np.ones_like(y)) is None
     assert model.layers[0].grads["weight"].shape == (6, 3, 5, 5)
 
 
 def test_shape_errors_are_clear():
-    with pytest.raises(ValueError, match="input channels"):
+    with pytest.raises(ValueError, match=r"Conv2d expected input \(N, 3, H, W\)"):
         Conv2d(3, 4, 3).forward(np.zeros((1, 2, 8, 8), np.float32))
     with pytest.raises(ValueError, match="Linear expected"):
         Linear(4, 2).forward(np.zeros((1, 5), np.float32))

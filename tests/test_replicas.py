@@ -6,11 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from minicnn import models, replicas
+from minicnn import models
 from minicnn.errors import MinicnnError
+from minicnn.fast import replicas
+from minicnn.fast.replicas import Replicas
 from minicnn.losses import SoftmaxCrossEntropy
 from minicnn.optim import SGD
-from minicnn.replicas import Replicas
+from minicnn.train import forward_backward
 
 TOLERANCE = {np.float64: 1e-12, np.float32: 2e-5}     # relative to each array's largest entry
 
@@ -21,7 +23,7 @@ def twin_models(dtype, name="lenet"):
     for (_, a, key), (_, b, _) in zip(first.named_parameters(), second.named_parameters()):
         b.params[key] = a.params[key].copy()
     for model in (first, second):
-        model.needs_input_grad = False
+        model.set_needs_input_grad(False)
     return first, second
 
 

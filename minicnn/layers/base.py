@@ -15,7 +15,8 @@ float64) takes effect at once. ``backward`` overwrites ``grads``; it never
 accumulates. Layers work in the dtype of their input.
 
 A module whose ``needs_input_grad`` is False skips computing dx and returns
-None: the first layer of a network needs no gradient for the image.
+None: the first layer of a network needs no gradient for the image. It is
+decided once, when a model is set up, by :meth:`Module.set_needs_input_grad`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from minicnn import backend
 
 class Module:
     """Base class of all layers; see the module docstring for the contract."""
+
+    #: what forward and backward leave behind, reset when a module is pickled (the
+    #: replicas send models to worker processes): attribute -> makes its empty value
+    transient = {"cache": lambda: None, "grads": dict}
 
     def __init__(self):
         self.params: dict = {}
@@ -41,6 +46,12 @@ class Module:
 
     def __call__(self, x):
         return self.forward(x)
+
+    def set_needs_input_grad(self, needed: bool) -> Module:
+        """Whether backward must return dL/dx (else it returns None). Containers pass
+        it on to the children that compute their own input's gradient."""
+        self.needs_input_grad = bool(needed)
+        return self
 
     # --- tree walking -----------------------------------------------------
     def children(self) -> list[tuple[str, Module]]:
@@ -106,63 +117,63 @@ class Module:
 
     def __getstate__(self) -> dict:
         """What pickling a module keeps: its parameters, buffers and settings, not what
-        the last forward and backward left behind (caches, grads, scratch buffers).
-        minicnn.replicas sends the model to its worker processes this way."""
+        the last forward and backward left behind (``transient``)."""
         state = dict(self.__dict__)
-        for name, empty in _LEFT_BEHIND.items():
+        for name, empty in self.transient.items():
             if name in state:
                 state[name] = empty()
         return state
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.extra_repr()})"
+        return f"{self.layer_name()}({self.extra_repr()})"
+
+    @classmethod
+    def layer_name(cls) -> str:
+        """The layer's name: its class's, or for a fast kernel (minicnn.fast) the name of
+        the reference layer it computes, so that both print as "Conv2d"."""
+        return getattr(cls, "reference_layer", cls).__name__
 
     def extra_repr(self) -> str:
         return ""
 
 
-_LEFT_BEHIND = {"cache": lambda: None, "grads": dict, "_scratch": dict, "_steps": lambda: None}
-
-
 class Sequential(Module):
     """Layers applied one after the other: y = f_n(... f_2(f_1(x))).
 
-    With ``fuse`` True (the default), each Conv2d, ReLU, MaxPool2d(2) run is
-    computed in one pass per chunk of images, with the same results
-    (:mod:`minicnn.layers.fused`); False runs every layer on its own, the
-    plain reference.
+    Backward is the chain rule, in reverse order:
+    dL/dx_i = backward_i(dL/dx_{i+1}), from dy = dL/dy of the last layer down to
+    the first, whose dx is the model's (None when it needs none).
     """
 
     def __init__(self, *layers: Module):
         super().__init__()
         if not layers:
             raise ValueError("Sequential needs at least one layer")
+        for index, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                raise TypeError(f"Sequential: layer {index} is {type(layer).__name__}, "
+                                "not a minicnn layer (Module)")
         self.layers = list(layers)
-        self.fuse = True
-        self._steps = None          # what the last forward ran, for backward
 
     def children(self):
         return [(str(i), layer) for i, layer in enumerate(self.layers)]
 
-    def steps(self) -> list:
-        """What forward runs, in order: the layers, with fused runs as single steps."""
-        if not self.fuse:
-            return list(self.layers)
-        # imported here: fused imports the layers, and they import this module
-        from minicnn.layers.fused import plan
-        return plan(self.layers)
+    def set_needs_input_grad(self, needed: bool) -> Sequential:
+        """Only the first layer's dx is the model's; every later layer's dx is the
+        gradient the layer before it needs."""
+        super().set_needs_input_grad(needed)
+        for index, layer in enumerate(self.layers):
+            layer.set_needs_input_grad(needed if index == 0 else True)
+        return self
 
     def forward(self, x):
-        self._steps = self.steps()
-        for step in self._steps:
-            x = step.forward(x)
+        for layer in self.layers:
+            x = layer.forward(x)
         return x
 
     def backward(self, dy):
-        """Chain rule backwards: dL/dx_i = backward_i(dL/dx_{i+1})."""
-        self.layers[0].needs_input_grad = self.needs_input_grad
-        for step in reversed(self._steps or self.steps()):
-            dy = step.backward(dy)
+        for layer in reversed(self.layers):
+            dy = layer.backward(dy)
         return dy
 
     def __getitem__(self, index):
@@ -173,4 +184,4 @@ class Sequential(Module):
 
     def __repr__(self) -> str:
         lines = [f"  ({i}): {layer!r}" for i, layer in enumerate(self.layers)]
-        return "Sequential(\n" + "\n".join(lines) + "\n)"
+        return f"{self.layer_name()}(\n" + "\n".join(lines) + "\n)"

@@ -28,6 +28,12 @@ class Residual(Module):
     def children(self):
         return [("body", self.body)]
 
+    def set_needs_input_grad(self, needed: bool) -> Residual:
+        """dx = dy + body's dx: the body's dx is needed exactly when this one is."""
+        super().set_needs_input_grad(needed)
+        self.body.set_needs_input_grad(needed)
+        return self
+
     def forward(self, x):
         y = self.body.forward(x)
         if y.shape != x.shape:
@@ -36,11 +42,10 @@ class Residual(Module):
         return x + y
 
     def backward(self, dy):
-        self.body.needs_input_grad = self.needs_input_grad
         d_body = self.body.backward(dy)
         if not self.needs_input_grad:
             return None
         return dy + d_body
 
     def __repr__(self) -> str:
-        return f"Residual({self.body!r})"
+        return f"{self.layer_name()}({self.body!r})"

@@ -1,14 +1,13 @@
-"""Conv2d -> ReLU -> 2x2 max-pool in one pass per chunk of images: a fast path of Sequential.
+"""Conv2d -> ReLU -> 2x2 max-pool in one pass per chunk of images, planned by FastSequential.
 
-lenet is two such runs. Layer by layer, each of the three writes its whole
-output to memory and the next reads it back; at batch 256 the first conv's
-output is 4.8 MB, more than the CPU's cache, so ReLU and pooling on it wait on
-memory (and run on one core). Here each worker thread takes a few images at a
-time and does all three while they sit in its cache::
+Layer by layer, each of the three writes its whole output to memory and the
+next reads it back; a batch's conv output is often larger than the CPU's
+cache, so ReLU and pooling on it wait on memory. Here each worker thread takes
+a few images at a time and does all three while they sit in its cache::
 
-    grid = W @ cols + b           the conv on its flat OH x Wp grid (Conv2d.flat_forward;
-                                  for few filters in pairs, Conv2d.grid_cells)
-    m    = 2x2 max of grid        the knockout bracket of pooling.bracket_forward
+    grid = W @ cols + b           the conv on its flat OH x Wp grid (FastConv2d.flat_forward;
+                                  for few filters in pairs, FastConv2d.grid_cells)
+    m    = 2x2 max of grid        the knockout bracket of fast.pooling.bracket_forward
     y    = max(m, 0)              ReLU, after pooling: a quarter of the values
 
 ReLU and max commute: max(relu(a), relu(b)) = relu(max(a, b)), since ReLU
@@ -20,7 +19,7 @@ Backward, per chunk, the same steps in reverse::
 
     d       = dy * positive       ReLU's slope
     dY_grid = bracket back of d   0 in the grid's extra columns and in cells no window covers
-    dW, db, dx                    Conv2d.flat_backward(dY_grid)
+    dW, db, dx                    FastConv2d.flat_backward(dY_grid)
 
 Layer by layer, pooling passes each window's gradient to its winning cell
 only, and ReLU then multiplies it by that cell's slope [conv output > 0],
@@ -31,24 +30,27 @@ the first); but then the window's gradient is 0 in both (positive is 0, or
 that pair lost to a positive cell), so the results are the same, bit for bit
 (the tests compare them, ties included).
 
-Sequential runs a Conv2d, ReLU, MaxPool2d(2) run this way when ``fuse`` is
-True (the default) and the conv takes its flat path for the input (stride 1,
-small products per image); otherwise the three layers run one by one.
+Fusion is a planning step: FastSequential (the fast kernel of Sequential)
+runs each FastConv2d, ReLU, FastMaxPool2d(2) run this way when the conv takes
+its flat path for the input (stride 1, small products per image); every other
+layer runs on its own.
 """
 
 from __future__ import annotations
 
-from minicnn import backend, parallel
+from minicnn import backend
+from minicnn.fast import parallel
+from minicnn.fast.conv import FastConv2d
+from minicnn.fast.pooling import FastMaxPool2d, bracket_backward, bracket_forward
 from minicnn.layers.activation import ReLU
-from minicnn.layers.conv import Conv2d
-from minicnn.layers.pooling import MaxPool2d, bracket_backward, bracket_forward
+from minicnn.layers.base import Sequential
 
 
 class ConvReluPool:
-    """One Conv2d, ReLU, MaxPool2d(2) run of a Sequential. Not a Module: it holds
-    no parameters of its own and writes the conv's grads."""
+    """One FastConv2d, ReLU, FastMaxPool2d(2) run of a FastSequential. Not a Module: it
+    holds no parameters of its own and writes the conv's grads."""
 
-    def __init__(self, conv: Conv2d, relu: ReLU, pool: MaxPool2d):
+    def __init__(self, conv: FastConv2d, relu: ReLU, pool: FastMaxPool2d):
         self.conv, self.relu, self.pool = conv, relu, pool
         self.cache = None
 
@@ -58,8 +60,8 @@ class ConvReluPool:
         if len(layers) != 3:
             return False
         conv, relu, pool = layers
-        return (isinstance(conv, Conv2d) and isinstance(relu, ReLU)
-                and isinstance(pool, MaxPool2d) and pool.bracket)
+        return (isinstance(conv, FastConv2d) and isinstance(relu, ReLU)
+                and isinstance(pool, FastMaxPool2d) and pool.takes_bracket())
 
     def __repr__(self) -> str:
         return f"ConvReluPool({self.conv!r}, {self.relu!r}, {self.pool!r})"
@@ -130,3 +132,25 @@ def plan(layers) -> list:
             steps.append(layers[index])
             index += 1
     return steps
+
+
+class FastSequential(Sequential):
+    """Sequential whose forward and backward run the steps of :func:`plan`: the same
+    layers, with each conv-ReLU-pool run as one fused step."""
+
+    reference_layer = Sequential
+    transient = {**Sequential.transient, "_steps": lambda: None}
+
+    def forward(self, x):
+        self._steps = plan(self.layers)
+        for step in self._steps:
+            x = step.forward(x)
+        return x
+
+    def backward(self, dy):
+        steps = self.__dict__.get("_steps")
+        if steps is None:
+            raise RuntimeError("Sequential.backward needs a forward pass first")
+        for step in reversed(steps):
+            dy = step.backward(dy)
+        return dy

@@ -1,37 +1,32 @@
-"""CPU threads over chunks of a batch.
+"""CPU threads over chunks of a batch, for the fast kernels.
 
 NumPy releases the GIL inside array copies, ufuncs and matrix products, so
 plain Python threads that work on different images of a batch run at the
-same time on different cores. A layer hands :func:`run_chunks` a function
+same time on different cores. A kernel hands :func:`run_chunks` a function
 and a list of batch slices; each worker thread takes the next slice that
 nobody has taken yet, so a thread that starts late (waking a sleeping thread
 takes a while) simply does fewer of them.
 
-The matrix products of one chunk are small (lenet's first layer: one 6 x 75
-times 75 x 896 product per image). OpenBLAS would split each of them over
-all cores too, which costs more in hand-offs than it gains. Worse, its
-threads keep spinning for a while after each call, waiting for more work,
-and so take a core away from our own threads: on a 2-core machine that made
-two minicnn threads slower than one. So once minicnn's threads are first used,
-BLAS is held to one thread for the rest of the process (threadpoolctl), and
-parallelism comes from the chunks instead. This also holds NumPy's BLAS to
+The matrix products of one chunk are small. OpenBLAS would split each of them
+over all cores too, which costs more in hand-offs than it gains; worse, its
+threads keep spinning for a while after each call, waiting for more work, and
+so take a core away from our own threads. So once minicnn's threads are first
+used, BLAS is held to one thread for the rest of the process (threadpoolctl),
+and parallelism comes from the chunks instead. This also holds NumPy's BLAS to
 one thread for the caller's own NumPy code in the same process.
 
 The helper threads are started once and wait on a queue each; handing them a
-job is one put, and the caller collects one message per helper. That is
-lighter than a ThreadPoolExecutor's submit and Future: a lenet training step
-at batch 64 took 3% less time (measured in one process, alternating the two).
+job is one put, and the caller collects one message per helper (lighter than
+a ThreadPoolExecutor's submit and Future).
 
 Threads share one GIL, and NumPy takes it back after every call: two threads
-that each make many short calls wait on each other, so on a 2-vCPU machine the
-second thread made lenet's training step at batch 64 only 6-10% faster
-(README, Speed). Training therefore splits each batch over processes instead
-(minicnn.replicas), each running its part in its calling thread
-(:func:`in_calling_thread`); these threads still serve inference and the
-models that replicas do not take.
+that each make many short calls wait on each other. Training therefore splits
+each batch over processes instead (minicnn.fast.replicas), each running its
+part in its calling thread (:func:`in_calling_thread`); these threads still
+serve inference and the models that replicas do not take.
 
 On CuPy everything runs in the calling thread: the GPU is already parallel.
-One model at a time: the helper threads and the layers' scratch buffers are
+One model at a time: the helper threads and the kernels' scratch buffers are
 shared, so minicnn must not be called from several threads at once.
 The number of workers is :func:`workers`: ``MINICNN_THREADS`` if set, else
 the number of CPUs this process may use; :func:`set_workers` changes it.

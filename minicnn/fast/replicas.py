@@ -1,12 +1,11 @@
 """Data-parallel training on the CPU: each batch split over processes, each with a copy
 of the model.
 
-Why processes and not more threads: minicnn's threads (minicnn.parallel) each
-run a few dozen NumPy calls per chunk of images, and NumPy has to take the GIL
-back after every call. With two threads doing that at once, each waits on the
-other: on a 2-vCPU machine the same chunks ran 0.5-0.95x as fast on two
-threads as on one, and 1.2-2.2x as fast on two processes (README, Speed). A
-process has a GIL of its own.
+Why processes and not more threads: minicnn's threads (minicnn.fast.parallel)
+each run a few dozen NumPy calls per chunk of images, and NumPy has to take the
+GIL back after every call. With two threads doing that at once, each waits on
+the other (docs/performance.md has the measurements). A process has a GIL of
+its own.
 
 One training step, for a batch of N images split into parts of n_0, n_1, ...
 images (part 0 in the calling process, the others in worker processes, each
@@ -47,8 +46,10 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from minicnn import backend, parallel
+from minicnn import backend
 from minicnn.errors import MinicnnError
+from minicnn.fast import parallel
+from minicnn.train import forward_backward
 
 PROCESSES_VARIABLE = "MINICNN_PROCESSES"
 
@@ -124,19 +125,6 @@ class _SharedArrays:
             self.memory.unlink()
 
 
-def forward_backward(model, criterion, x, labels, share: float = 1.0):
-    """The plain step in one process: forward, loss and backward of ``model`` on (x,
-    labels), the loss and its gradient scaled by ``share`` (a part's n_k / N, see the
-    module docstring); returns (loss, logits). Replicas runs it on every part."""
-    logits = model.forward(x)
-    loss = criterion.forward(logits, labels)
-    gradient = criterion.backward()
-    if share != 1.0:
-        loss, gradient = loss * share, gradient * share
-    model.backward(gradient)
-    return loss, logits
-
-
 def _reply(worker) -> tuple:
     """The worker's next message: ("ready",), ("done", loss, logits) or ("error", text)."""
     try:
@@ -163,7 +151,7 @@ def _worker(connection, model, criterion, params_spec, grads_spec) -> None:
     for (module, key), view in zip(slots, params.arrays):
         module.params[key] = view
     model.train()
-    model.needs_input_grad = False
+    model.set_needs_input_grad(False)
     connection.send(("ready",))
     inputs = {}                                       # block name -> attached block
     while True:
