@@ -1,48 +1,52 @@
-"""CPU throughput and peak memory of minicnn (NumPy) against PyTorch, model by model.
+"""CPU throughput and peak memory of minicnn (NumPy) against PyTorch, each engine in a
+fresh process of its own.
 
-    python benchmarks/bench_cpu.py                    # every registered model
+    python benchmarks/bench_cpu.py                          # every model and case, 5 rounds
     python benchmarks/bench_cpu.py --models lenet --rounds 9
-    python benchmarks/bench_cpu.py --profile          # time per layer, forward and backward
-    python benchmarks/bench_cpu.py --threads 1        # both engines on one thread
-    python benchmarks/bench_cpu.py --scaling          # each engine on 1 CPU against all
+    python benchmarks/bench_cpu.py --cases fit-64 fit-256   # some of the cases
+    python benchmarks/bench_cpu.py --threads 1              # both engines on one CPU
+    python benchmarks/bench_cpu.py --epoch --data-dir DIR   # minicnn train against the
+                                                            # PyTorch reference script
+    python benchmarks/bench_cpu.py --profile                # minicnn's time per layer
 
-What is timed, on random float32 data of shape (N, 3, 32, 32):
+How it measures, and why: every measurement is a fresh Python process that
+runs one engine only. Run in one process, the two engines' threads slow each
+other (PyTorch's most: its lenet training step at batch 64 ran at 6,355
+images/s beside minicnn and at 9,685 alone, on a 2-core machine), so ratios
+measured that way are wrong. Each round runs both engines' processes one
+after the other, in alternating order (minicnn first in even rounds, PyTorch
+first in odd ones), so drift of the machine hits both. A process builds its
+model, warms up for ``--warmup`` seconds (first-use allocations, caches,
+clocks), then times steps for about ``--seconds``. Reported per case: the
+median images/s of each engine over the rounds, the median and the range of
+the per-round ratios minicnn / PyTorch (> 1: minicnn is faster), and the
+median peak memory.
 
-- train N=64 and N=256: one step = forward, softmax cross-entropy, backward,
-  SGD step (momentum 0.9, weight decay 5e-4), the same in both engines.
-- infer N=1000: forward only, eval mode (PyTorch under ``torch.inference_mode``).
+The cases, on random float32 data of shape (N, 3, 32, 32):
 
-The two engines run interleaved in one process: each round times a block of
-minicnn steps, then the same number of PyTorch steps, so drift of the
-machine (other load, clock changes) hits both. Reported: the median over the
-rounds of images/s, and ratio = minicnn / PyTorch (> 1 means minicnn is
-faster).
+- ``api-N``: the public API loop a user writes (README, "The layer
+  contract"): forward, softmax cross-entropy, backward, SGD step (momentum
+  0.9, weight decay 5e-4) of a model from build_model on the default (fast)
+  kernels, in one process, on minicnn's threads.
+- ``fit-N``: the step fit() runs: minicnn.train.training_step (each batch
+  split over processes where that helps, minicnn.fast.replicas) and the SGD
+  step. PyTorch runs the same loop as in api-N: it has only one.
+- ``infer-N``: forward only, eval mode (PyTorch under ``torch.inference_mode``).
 
-Peak memory is measured in a fresh child process per engine and case: the
-growth of peak resident memory (VmHWM, Linux) over three steps above the
-resident memory just before the first step: activations, caches, gradients,
-optimizer state and whatever the libraries allocate on first use, but not
-the libraries' code or the model's parameters.
+Peak memory is the growth of peak resident memory (VmHWM, Linux) from just
+before the first step to the end, summed over the process and minicnn's
+worker processes: activations, caches, gradients, optimizer state and what
+the libraries allocate on first use, not the libraries' code or the model's
+parameters.
+
+``--epoch`` races whole training runs: ``minicnn train`` against
+``benchmarks/train_pytorch_reference.py`` (the same recipe in PyTorch; lenet
+only), each in a fresh process, alternated over rounds, and reports the wall
+time of each command and the seconds of its epochs.
 
 The first line printed says what each engine computes with: PyTorch's CPU
-kernels (AVX2, AVX512) and which kernels NumPy's OpenBLAS loaded. OpenBLAS
-picks them for the CPU, unless the environment variable OPENBLAS_CORETYPE
-names them: on an AVX-512 CPU, OPENBLAS_CORETYPE=Haswell holds NumPy's matrix
-products to AVX2 while PyTorch still uses AVX-512.
-
-minicnn trains as fit() does: on a CPU with several cores, each batch split
-over processes (minicnn.replicas), one per CPU; with ``--threads N``, N of them.
-Peak memory then adds up the growth of every process.
-
-``--scaling`` asks what the other CPUs are worth: for each engine and case,
-rounds alternate between one CPU and the default (all of them), in one
-process, and it prints both medians and their ratio, the speedup. On one CPU
-both engines run one thread; on all, PyTorch runs its threads, and minicnn its
-processes (training) or threads (inference). NumPy's BLAS is held to one
-thread throughout, as minicnn holds it whenever it runs its own threads or
-processes.
-
-PyTorch (``pip install torch``) is optional: without it only minicnn's own
+kernels and NumPy's OpenBLAS kernels (and OPENBLAS_CORETYPE, if set).
+PyTorch (``pip install torch``) is optional: without it only minicnn's
 numbers are printed. minicnn itself never imports it.
 """
 
@@ -51,24 +55,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
-from minicnn import models
-from minicnn.fast import parallel
-from minicnn.layers import Sequential
-from minicnn.fast.fused import ConvReluPool, plan
-from minicnn.losses import SoftmaxCrossEntropy
-from minicnn.optim import SGD
-from minicnn.fast.replicas import Replicas, default_processes
-from minicnn.train import forward_backward
-
-CASES = (("train", 64), ("train", 256), ("infer", 1000))
+HERE = Path(__file__).resolve().parent
+CASES = ("api-64", "api-256", "fit-64", "fit-256", "infer-1000")
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
+ENGINES = ("minicnn", "torch")
 
 
 def random_batch(batch_size: int, seed: int = 0):
@@ -78,154 +78,75 @@ def random_batch(batch_size: int, seed: int = 0):
     return x, labels
 
 
-# --- minicnn -------------------------------------------------------------------
-
-class MinicnnRunner:
-    """One model and one batch; ``step()`` runs one training step or one inference.
-
-    Training splits the batch over processes (minicnn.replicas) where fit() does
-    (default_processes), else runs forward and backward here, on minicnn's threads."""
-
-    def __init__(self, name: str, mode: str, batch_size: int):
-        self.model = models.build_model(name)
-        self.model.train(mode == "train")
-        self.model.set_needs_input_grad(False)      # no gradient for the image itself
-        self.mode = mode
-        self.x, self.labels = random_batch(batch_size)
-        self.criterion = SoftmaxCrossEntropy()
-        self.optimizer = SGD(self.model, LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-        self.replicas, self.split = None, False
-        self.set_threads(parallel.workers())
-
-    def set_threads(self, count: int) -> None:
-        """Use ``count`` CPUs: that many threads, or for training that many processes."""
-        parallel.set_workers(count)
-        self.split = self.mode == "train" and count > 1 and default_processes(self.model) > 1
-        if self.split and (self.replicas is None or self.replicas.processes != count):
-            if self.replicas is not None:
-                self.replicas.close()
-            self.replicas = Replicas(self.model, self.criterion, count)
-
-    def step(self) -> None:
-        if self.mode != "train":
-            self.model.forward(self.x)
-            return
-        if self.split:
-            self.replicas.forward_backward(self.x, self.labels)
-        else:
-            forward_backward(self.model, self.criterion, self.x, self.labels)
-        self.optimizer.step()
+def parse_case(case: str) -> tuple[str, int]:
+    kind, _, size = case.partition("-")
+    if kind not in ("api", "fit", "infer") or not size.isdigit() or int(size) < 1:
+        raise argparse.ArgumentTypeError(f"a case is api-N, fit-N or infer-N, got {case!r}")
+    return kind, int(size)
 
 
-# --- PyTorch -----------------------------------------------------------------
+# --- the two engines, as run inside a child process -------------------------------------
 
-class TorchRunner:
-    def __init__(self, name: str, mode: str, batch_size: int):
-        import torch
-        from torch_mirror import torch_mirror, trainable_parameters   # beside this script
-        self.torch = torch
-        model = models.build_model(name)
-        if not isinstance(model, Sequential) or (mirror := torch_mirror(model)) is None:
-            raise LookupError(f"no PyTorch mirror for {name}")
-        self.model = mirror.train(mode == "train")
-        self.mode = mode
-        x, labels = random_batch(batch_size)
-        self.x, self.labels = torch.from_numpy(x), torch.from_numpy(labels)
-        self.optimizer = torch.optim.SGD(trainable_parameters(self.model), lr=LR, momentum=MOMENTUM,
-                                         weight_decay=WEIGHT_DECAY)
+def minicnn_step(name: str, kind: str, batch_size: int, stack):
+    """A function that runs one step of ``kind``, and the pids of minicnn's processes."""
+    from minicnn import models
+    from minicnn.losses import SoftmaxCrossEntropy
+    from minicnn.optim import SGD
+    from minicnn.train import forward_backward, training_step
 
-    def step(self) -> None:
-        if self.mode == "train":
-            loss = self.torch.nn.functional.cross_entropy(self.model(self.x), self.labels)
-            self.optimizer.zero_grad()
-            loss.backward()
-            self.optimizer.step()
-        else:
-            with self.torch.inference_mode():
-                self.model(self.x)
+    model = models.build_model(name)
+    x, labels = random_batch(batch_size)
+    if kind == "infer":
+        model.eval()
+        return (lambda: model.forward(x)), []
+    model.train().set_needs_input_grad(False)      # the image needs no gradient
+    criterion = SoftmaxCrossEntropy()
+    optimizer = SGD(model, LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    if kind == "api":
+        def step():
+            forward_backward(model, criterion, x, labels)
+            optimizer.step()
+        return step, []
+    step_fn = stack.enter_context(training_step(model, criterion))
+    replicas = getattr(step_fn, "__self__", None)          # the Replicas, if fit uses them
 
-
-def torch_runner(name: str, mode: str, batch_size: int):
-    try:
-        return TorchRunner(name, mode, batch_size)
-    except (ImportError, LookupError):
-        return None
+    def fit_step():
+        step_fn(x, labels)
+        optimizer.step()
+    return fit_step, (replicas.worker_pids if replicas is not None else [])
 
 
-# --- timing ----------------------------------------------------------------------
+def torch_step(name: str, kind: str, batch_size: int, stack):
+    import torch
 
-def time_steps(runner, steps: int) -> float:
-    start = time.perf_counter()
-    for _ in range(steps):
-        runner.step()
-    return time.perf_counter() - start
+    sys.path.insert(0, str(HERE))
+    from torch_mirror import torch_mirror, trainable_parameters
 
+    from minicnn import models
+    model = torch_mirror(models.build_model(name))
+    if model is None:
+        raise LookupError(f"no PyTorch mirror for {name}")
+    x, labels = (torch.from_numpy(a) for a in random_batch(batch_size))
+    if kind == "infer":
+        model.eval()
 
-def warm_up(runner, seconds: float = 1.0) -> float:
-    """Run steps for about ``seconds`` (first-use allocations, caches, clocks); return s/step."""
-    steps, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds or steps < 3:
-        runner.step()
-        steps += 1
-    return elapsed / steps
+        def infer():
+            with torch.inference_mode():
+                model(x)
+        return infer, []
+    model.train()
+    optimizer = torch.optim.SGD(trainable_parameters(model), lr=LR, momentum=MOMENTUM,
+                                weight_decay=WEIGHT_DECAY)
 
-
-def interleaved(name: str, mode: str, batch_size: int, rounds: int, seconds: float) -> dict:
-    """Median images/s of both engines over ``rounds`` alternating blocks."""
-    ours = MinicnnRunner(name, mode, batch_size)
-    theirs = torch_runner(name, mode, batch_size)
-    steps = max(1, round(seconds / warm_up(ours)))
-    if theirs is not None:
-        warm_up(theirs)
-    rates = {"minicnn": [], "torch": []}
-    for _ in range(rounds):
-        rates["minicnn"].append(steps * batch_size / time_steps(ours, steps))
-        if theirs is not None:
-            rates["torch"].append(steps * batch_size / time_steps(theirs, steps))
-    return {engine: statistics.median(r) if r else None for engine, r in rates.items()}
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(x), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return step, []
 
 
-def thread_scaling(name: str, mode: str, batch_size: int, rounds: int, seconds: float) -> dict:
-    """{engine: (images/s on 1 thread, on the default count)}: medians over ``rounds``
-    rounds, each timing a block on 1 thread, then one on all (the order alternates)."""
-    many = parallel.workers()
-    runners = {"minicnn": MinicnnRunner(name, mode, batch_size),
-               "torch": torch_runner(name, mode, batch_size)}
-    out = {}
-    for engine, runner in runners.items():
-        if runner is None:
-            continue
-        set_threads = runner.set_threads if engine == "minicnn" else runner.torch.set_num_threads
-        rates = {1: [], many: []}
-        set_threads(many)
-        steps = max(1, round(seconds / warm_up(runner)))
-        for index in range(rounds):
-            for count in ((1, many) if index % 2 == 0 else (many, 1)):
-                set_threads(count)
-                warm_up(runner, 0.1)
-                rates[count].append(steps * batch_size / time_steps(runner, steps))
-        set_threads(many)
-        out[engine] = (statistics.median(rates[1]), statistics.median(rates[many]))
-    return out
-
-
-def print_scaling(names, rounds: int, seconds: float) -> None:
-    from threadpoolctl import threadpool_limits
-    threadpool_limits(limits=1, user_api="blas")       # as minicnn holds it with several threads
-    many = parallel.workers()
-    print(f"{'model':<10}{'case':<12}{'engine':<9}{'1 CPU':>10}{f'{many} CPUs':>12}"
-          f"{'speedup':>9}")
-    for name in names:
-        for mode, batch_size in CASES:
-            for engine, (one, all_) in thread_scaling(name, mode, batch_size, rounds,
-                                                      seconds).items():
-                print(f"{name:<10}{f'{mode} {batch_size}':<12}{engine:<9}{one:>10,.0f}"
-                      f"{all_:>12,.0f}{all_ / one:>9.2f}", flush=True)
-
-
-# --- peak memory, in child processes ---------------------------------------------
-
-def _status_mb(field: str, pid="self") -> float:
+def status_mb(field: str, pid="self") -> float:
     """VmRSS (resident now) or VmHWM (peak resident) of a process, in MB (Linux)."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
@@ -234,179 +155,292 @@ def _status_mb(field: str, pid="self") -> float:
     raise OSError(f"no {field} in /proc/{pid}/status")
 
 
-def memory_child(engine: str, name: str, mode: str, batch_size: int, steps: int = 3) -> None:
-    """Run in a fresh process: print the growth of peak RSS over ``steps`` steps, in MB,
-    summed over this process and minicnn's worker processes (minicnn.replicas), if any."""
-    runner = (MinicnnRunner if engine == "minicnn" else TorchRunner)(name, mode, batch_size)
-    replicas = getattr(runner, "replicas", None)
-    pids = ["self"] + (replicas.worker_pids if replicas is not None else [])
-    before = {pid: _status_mb("VmRSS", pid) for pid in pids}
-    for _ in range(steps):
-        runner.step()
-    growth = sum(max(_status_mb("VmHWM", pid) - before[pid], 0.0) for pid in pids)
-    print(json.dumps({"peak_mb": growth}))
+def child(engine: str, name: str, case: str, warmup: float, seconds: float) -> dict:
+    """One measurement in this (fresh) process: images/s and peak memory growth."""
+    import contextlib
+    kind, batch_size = parse_case(case)
+    with contextlib.ExitStack() as stack:
+        make = minicnn_step if engine == "minicnn" else torch_step
+        step, workers = make(name, kind, batch_size, stack)
+        pids = ["self", *workers]
+        before = {pid: status_mb("VmRSS", pid) for pid in pids}
+        start = time.perf_counter()
+        while time.perf_counter() - start < warmup:
+            step()
+        steps, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds or steps < 2:
+            step()
+            steps += 1
+        peak = sum(max(status_mb("VmHWM", pid) - before[pid], 0.0) for pid in pids)
+    return {"images_per_second": steps * batch_size / elapsed, "peak_mb": peak, "steps": steps}
 
 
-def peak_memory_mb(engine: str, name: str, mode: str, batch_size: int):
-    command = [sys.executable, __file__, "--memory-child", engine, name, mode, str(batch_size)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
+def run_child(engine: str, name: str, case: str, args) -> dict | None:
+    """Measure in a fresh process; None if the engine is missing (torch not installed)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", engine, name, case,
+               "--warmup", str(args.warmup), "--seconds", str(args.seconds)]
+    result = subprocess.run(command, capture_output=True, text=True, env=child_env(args),
+                            check=False)
+    if result.returncode == 3:                 # the engine is not installed
         return None
-    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]
+    if result.returncode != 0:
+        tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{engine} {name} {case} failed: {tail}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-# --- per-layer profile -------------------------------------------------------------
-
-def profile(name: str, batch_size: int, steps: int) -> None:
-    """Print mean milliseconds per layer, forward and backward, over ``steps`` steps.
-
-    A fused Conv2d, ReLU, MaxPool2d run (minicnn.fast.fused) is one line."""
-    runner = MinicnnRunner(name, "train", batch_size)
-    parts = plan(runner.model.layers)      # what FastSequential.forward runs, in order
-    labels, first = [], 0
-    for part in parts:
-        count = 3 if isinstance(part, ConvReluPool) else 1
-        if count == 3:
-            conv = part.conv
-            what = f"Conv2d({conv.in_channels}, {conv.out_channels}) + ReLU + MaxPool2d"
-        else:
-            what = repr(part)
-        labels.append(f"{first:>2}{'-' + str(first + count - 1) if count > 1 else '':<3} {what}")
-        first += count
-    forward = [0.0] * len(parts)
-    backward = [0.0] * len(parts)
-    other = {"loss": 0.0, "sgd": 0.0}
-    warm_up(runner)
-    for _ in range(steps):
-        x = runner.x
-        for index, part in enumerate(parts):
-            start = time.perf_counter()
-            x = part.forward(x)
-            forward[index] += time.perf_counter() - start
-        start = time.perf_counter()
-        runner.criterion.forward(x, runner.labels)
-        dy = runner.criterion.backward()
-        other["loss"] += time.perf_counter() - start
-        for index in reversed(range(len(parts))):
-            start = time.perf_counter()
-            dy = parts[index].backward(dy)
-            backward[index] += time.perf_counter() - start
-        start = time.perf_counter()
-        runner.optimizer.step()
-        other["sgd"] += time.perf_counter() - start
-    total = sum(forward) + sum(backward) + sum(other.values())
-    print(f"\n{name}, training step at batch {batch_size}: mean ms per step over {steps} steps")
-    print(f"{'layer':<40}{'forward':>9}{'backward':>10}{'share':>8}")
-    for index, label in enumerate(labels):
-        ms_f, ms_b = 1e3 * forward[index] / steps, 1e3 * backward[index] / steps
-        share = (forward[index] + backward[index]) / total
-        print(f"{label:<40.40}{ms_f:>9.3f}{ms_b:>10.3f}{share:>8.1%}")
-    for key, seconds in other.items():
-        print(f"      {key:<34}{1e3 * seconds / steps:>9.3f}{'':>10}{seconds / total:>8.1%}")
-    print(f"      {'total':<34}{1e3 * total / steps:>9.3f} ms  "
-          f"({steps * batch_size / total:,.0f} images/s)")
+def child_env(args) -> dict:
+    """The children's environment: with --threads N, both engines on N CPUs (minicnn's
+    threads and processes, NumPy's BLAS, PyTorch's intra-op threads)."""
+    env = dict(os.environ)
+    if args.threads is not None:
+        for variable in ("MINICNN_THREADS", "MINICNN_PROCESSES", "OMP_NUM_THREADS"):
+            env[variable] = str(args.threads)
+    return env
 
 
-# --- main ----------------------------------------------------------------------------
+# --- rounds, medians, ratios ---------------------------------------------------------
 
-def use_threads(count: int) -> None:
-    """Both engines on ``count`` threads, here and in the memory children: minicnn's
-    workers and NumPy's BLAS, and PyTorch's intra-op threads (read when torch is
-    first imported, which is after this)."""
-    for variable in ("MINICNN_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[variable] = str(count)
-    parallel.set_workers(count)
-    from threadpoolctl import threadpool_limits
-    threadpool_limits(limits=count, user_api="blas")
-
-
-def thread_report() -> str:
-    parts = [f"numpy {np.__version__}"]
-    try:
-        import torch
-        parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads, "
-                     f"{torch.backends.cpu.get_cpu_capability()} kernels)")
-    except ImportError:
-        parts.append("torch not installed")
-    blas = os.environ.get("OPENBLAS_NUM_THREADS", "default")
-    parts.append(f"OPENBLAS_NUM_THREADS={blas}, {os.cpu_count()} CPUs")
-    parts.append(blas_kernels())
-    return ", ".join(parts)
+def measure(name: str, case: str, args, has_torch: bool) -> dict:
+    """Both engines over args.rounds rounds, alternating which goes first."""
+    results = {engine: [] for engine in ENGINES}
+    for round_index in range(args.rounds):
+        order = ENGINES if round_index % 2 == 0 else ENGINES[::-1]
+        for engine in order:
+            if engine == "torch" and not has_torch:
+                continue
+            results[engine].append(run_child(engine, name, case, args))
+    return results
 
 
-def blas_kernels() -> str:
-    """Which kernels NumPy's BLAS runs: OpenBLAS picks them for the CPU when it loads,
-    unless OPENBLAS_CORETYPE names them (on an AVX-512 CPU, "Haswell" means AVX2 only)."""
-    from threadpoolctl import threadpool_info
-    for library in threadpool_info():
-        if library.get("user_api") == "blas":
-            kernels = f"{library.get('internal_api')} {library.get('version')} " \
-                      f"{library.get('architecture')} kernels"
-            forced = os.environ.get("OPENBLAS_CORETYPE")
-            return kernels + (f" (OPENBLAS_CORETYPE={forced})" if forced else "")
-    return "BLAS not found by threadpoolctl"
+def summary(results: dict) -> dict:
+    ours = [r["images_per_second"] for r in results["minicnn"]]
+    theirs = [r["images_per_second"] for r in results["torch"]]
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    return {
+        "minicnn": statistics.median(ours),
+        "torch": statistics.median(theirs) if theirs else None,
+        "ratio": statistics.median(ratios) if ratios else None,
+        "ratios": ratios,
+        "minicnn_mb": statistics.median(r["peak_mb"] for r in results["minicnn"]),
+        "torch_mb": statistics.median(r["peak_mb"] for r in results["torch"]) if theirs else None,
+    }
 
 
 def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=sorted(models.MODELS),
-                        choices=sorted(models.MODELS), help="default: every registered model")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per case")
-    parser.add_argument("--seconds", type=float, default=0.5,
-                        help="approximate length of one engine's block in a round")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory children")
-    parser.add_argument("--threads", type=int, metavar="N",
-                        help="run both engines on N threads (default: minicnn's and PyTorch's "
-                             "own defaults, one per CPU)")
-    parser.add_argument("--profile", action="store_true",
-                        help="print time per layer (forward, backward) instead")
-    parser.add_argument("--profile-steps", type=int, default=50)
-    parser.add_argument("--scaling", action="store_true",
-                        help="each engine on 1 CPU against all of them")
-    parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+def print_table(args, has_torch: bool) -> None:
+    print(f"{'model':<8}{'case':<12}{'minicnn img/s':>14}{'torch img/s':>13}{'ratio':>7}"
+          f"{'ratio range':>14}{'minicnn MB':>12}{'torch MB':>10}")
+    report = []
+    for name in args.models:
+        for case in args.cases:
+            row = summary(measure(name, case, args, has_torch))
+            spread = (f"{min(row['ratios']):.2f}-{max(row['ratios']):.2f}"
+                      if row["ratios"] else "-")
+            print(f"{name:<8}{case:<12}{fmt(row['minicnn'], ',.0f'):>14}"
+                  f"{fmt(row['torch'], ',.0f'):>13}{fmt(row['ratio'], '.2f'):>7}{spread:>14}"
+                  f"{fmt(row['minicnn_mb'], '.1f'):>12}{fmt(row['torch_mb'], '.1f'):>10}",
+                  flush=True)
+            report.append({"model": name, "case": case, **row})
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
 
-    if args.memory_child:
-        engine, name, mode, batch_size = args.memory_child
-        memory_child(engine, name, mode, int(batch_size))
-        return
-    if args.scaling and args.threads is not None:
-        parser.error("--scaling compares 1 thread with the default; drop --threads")
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads needs at least 1, got {args.threads}")
-        use_threads(args.threads)
-    print(thread_report())
-    if args.scaling:
-        print_scaling(args.models, args.rounds, args.seconds)
-        return
+
+# --- whole training runs --------------------------------------------------------------
+
+EPOCH_SECONDS = re.compile(r"epoch\s+\d+/\d+\b.*?\s(\d+(?:\.\d+)?)s \(")
+
+
+def run_epoch_race(args, has_torch: bool) -> None:
+    """minicnn train against train_pytorch_reference.py, fresh processes, alternated."""
+    if not has_torch:
+        raise SystemExit("bench_cpu.py: error: --epoch needs PyTorch (pip install torch)")
+    common = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size)]
+    if args.data_dir:
+        common += ["--data-dir", args.data_dir]
+    times = {engine: [] for engine in ENGINES}
+    epochs = {engine: [] for engine in ENGINES}
+    with tempfile.TemporaryDirectory() as folder:
+        for round_index in range(args.rounds):
+            order = ENGINES if round_index % 2 == 0 else ENGINES[::-1]
+            for engine in order:
+                if engine == "minicnn":
+                    out = Path(folder) / f"run{round_index}.npz"
+                    command = [sys.executable, "-m", "minicnn", "train", "--no-progress",
+                               "--out", str(out), *common]
+                else:
+                    command = [sys.executable, str(HERE / "train_pytorch_reference.py"),
+                               *common]
+                start = time.perf_counter()
+                result = subprocess.run(command, capture_output=True, text=True,
+                                        env=child_env(args), check=False)
+                wall = time.perf_counter() - start
+                if result.returncode != 0:
+                    tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+                    raise SystemExit(f"bench_cpu.py: error: {engine} failed: {tail}")
+                times[engine].append(wall)
+                epochs[engine] += [float(s) for s in EPOCH_SECONDS.findall(result.stdout)]
+                print(f"round {round_index + 1} {engine:<8} {wall:7.1f} s wall", flush=True)
+    ratios = [b / a for a, b in zip(times["minicnn"], times["torch"])]
+    for engine in ENGINES:
+        print(f"{engine:<8} wall median {statistics.median(times[engine]):.1f} s, "
+              f"epoch median {statistics.median(epochs[engine]):.1f} s")
+    print(f"speed ratio minicnn / PyTorch (PyTorch's wall time / minicnn's): median "
+          f"{statistics.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f}")
+
+
+# --- per-layer profile (minicnn only, in this process) ----------------------------------
+
+def profile(name: str, batch_size: int, steps: int) -> None:
+    """Print mean milliseconds per step of the fast kernels' plan, forward and backward.
+    A fused Conv2d, ReLU, MaxPool2d run (minicnn.fast.fused) is one line."""
+    from minicnn import models
+    from minicnn.fast.fused import ConvReluPool, plan
+    from minicnn.losses import SoftmaxCrossEntropy
+    from minicnn.optim import SGD
+
+    model = models.build_model(name).set_needs_input_grad(False)
+    criterion = SoftmaxCrossEntropy()
+    optimizer = SGD(model, LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    x, labels = random_batch(batch_size)
+    parts = plan(model.layers)
+    labels_text, first = [], 0
+    for part in parts:
+        count = 3 if isinstance(part, ConvReluPool) else 1
+        what = (f"Conv2d({part.conv.in_channels}, {part.conv.out_channels}) + ReLU + MaxPool2d"
+                if count == 3 else repr(part))
+        labels_text.append(f"{first:>2}{'-' + str(first + count - 1) if count > 1 else '':<3} "
+                           f"{what}")
+        first += count
+    forward, backward = [0.0] * len(parts), [0.0] * len(parts)
+    other = {"loss": 0.0, "sgd": 0.0}
+    for step in range(steps + 2):                  # the first two steps warm up
+        timing = step >= 2
+        h = x
+        for index, part in enumerate(parts):
+            start = time.perf_counter()
+            h = part.forward(h)
+            forward[index] += (time.perf_counter() - start) * timing
+        start = time.perf_counter()
+        criterion.forward(h, labels)
+        dy = criterion.backward()
+        other["loss"] += (time.perf_counter() - start) * timing
+        for index in reversed(range(len(parts))):
+            start = time.perf_counter()
+            dy = parts[index].backward(dy)
+            backward[index] += (time.perf_counter() - start) * timing
+        start = time.perf_counter()
+        optimizer.step()
+        other["sgd"] += (time.perf_counter() - start) * timing
+    total = sum(forward) + sum(backward) + sum(other.values())
+    print(f"\n{name}, training step at batch {batch_size}: mean ms per step over {steps} steps")
+    print(f"{'layer':<40}{'forward':>9}{'backward':>10}{'share':>8}")
+    for index, label in enumerate(labels_text):
+        share = (forward[index] + backward[index]) / total
+        print(f"{label:<40.40}{1e3 * forward[index] / steps:>9.3f}"
+              f"{1e3 * backward[index] / steps:>10.3f}{share:>8.1%}")
+    for key, seconds in other.items():
+        print(f"      {key:<34}{1e3 * seconds / steps:>9.3f}{'':>10}{seconds / total:>8.1%}")
+    print(f"      {'total':<34}{1e3 * total / steps:>9.3f} ms  "
+          f"({steps * batch_size / total:,.0f} images/s)")
+
+
+# --- main -------------------------------------------------------------------------------
+
+def kernel_report(env: dict) -> str:
+    """What each engine computes with, read in a child with the children's environment."""
+    code = ("import numpy, os, threadpoolctl\n"
+            "parts = [f'numpy {numpy.__version__}']\n"
+            "for lib in threadpoolctl.threadpool_info():\n"
+            "    if lib.get('user_api') == 'blas':\n"
+            "        parts.append(f\"{lib.get('internal_api')} {lib.get('version')} "
+            "{lib.get('architecture')} kernels, {lib.get('num_threads')} threads\")\n"
+            "forced = os.environ.get('OPENBLAS_CORETYPE')\n"
+            "parts += [f'OPENBLAS_CORETYPE={forced}'] if forced else []\n"
+            "try:\n"
+            "    import torch\n"
+            "    parts.append(f'torch {torch.__version__} ({torch.get_num_threads()} threads, '\n"
+            "                 f'{torch.backends.cpu.get_cpu_capability()} kernels)')\n"
+            "except ImportError:\n"
+            "    parts.append('torch not installed')\n"
+            "print(', '.join(parts) + f', {os.cpu_count()} CPUs')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, check=False)
+    return result.stdout.strip() or result.stderr.strip()
+
+
+def torch_installed() -> bool:
+    from importlib.util import find_spec
+    return find_spec("torch") is not None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["lenet", "airnet"],
+                        help="registered models (default: lenet airnet)")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), type=str,
+                        help=f"default: {' '.join(CASES)}")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per case (default 5)")
+    parser.add_argument("--seconds", type=float, default=2.0,
+                        help="seconds of timed steps per measurement (default 2)")
+    parser.add_argument("--warmup", type=float, default=1.0,
+                        help="seconds of steps before timing (default 1)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="run both engines on N CPUs (default: each engine's own default)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--epoch", action="store_true",
+                        help="race minicnn train against benchmarks/train_pytorch_reference.py")
+    parser.add_argument("--epochs", type=int, default=1, help="--epoch: epochs per run")
+    parser.add_argument("--batch-size", type=int, default=64, help="--epoch: batch size")
+    parser.add_argument("--data-dir", help="--epoch: CIFAR-10 folder (default: $MINICNN_DATA)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print minicnn's time per layer (forward, backward) instead")
+    parser.add_argument("--profile-steps", type=int, default=50)
+    parser.add_argument("--child", nargs=3, metavar=("ENGINE", "MODEL", "CASE"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    for option in ("rounds", "epochs", "batch_size", "profile_steps"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} needs at least 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads needs at least 1, got {args.threads}")
+    if args.seconds <= 0 or args.warmup < 0:
+        parser.error("--seconds must be > 0 and --warmup >= 0")
+    try:
+        for case in args.cases:
+            parse_case(case)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    from minicnn import models
+    unknown = [name for name in args.models if name not in models.MODELS]
+    if unknown:
+        parser.error(f"unknown model {unknown[0]!r}; registered: {', '.join(models.MODELS)}")
+
+    if args.child:
+        engine, name, case = args.child
+        try:
+            result = child(engine, name, case, args.warmup, args.seconds)
+        except ImportError:
+            return 3
+        print(json.dumps(result))
+        return 0
+    has_torch = torch_installed()
+    print(kernel_report(child_env(args)), flush=True)
     if args.profile:
         for name in args.models:
             for batch_size in (64, 256):
                 profile(name, batch_size, args.profile_steps)
-        return
-
-    header = (f"{'model':<10}{'case':<12}{'minicnn img/s':>14}{'torch img/s':>13}{'ratio':>7}"
-              f"{'minicnn MB':>12}{'torch MB':>10}")
-    print(header)
-    for name in args.models:
-        for mode, batch_size in CASES:
-            rates = interleaved(name, mode, batch_size, args.rounds, args.seconds)
-            ratio = rates["minicnn"] / rates["torch"] if rates["torch"] else None
-            memory = {engine: None for engine in ("minicnn", "torch")}
-            if not args.no_memory:
-                memory["minicnn"] = peak_memory_mb("minicnn", name, mode, batch_size)
-                if rates["torch"]:
-                    memory["torch"] = peak_memory_mb("torch", name, mode, batch_size)
-            print(f"{name:<10}{f'{mode} {batch_size}':<12}{fmt(rates['minicnn'], ',.0f'):>14}"
-                  f"{fmt(rates['torch'], ',.0f'):>13}{fmt(ratio, '.2f'):>7}"
-                  f"{fmt(memory['minicnn'], '.1f'):>12}{fmt(memory['torch'], '.1f'):>10}",
-                  flush=True)
+        return 0
+    if args.epoch:
+        run_epoch_race(args, has_torch)
+        return 0
+    print_table(args, has_torch)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,8 @@
 """benchmarks/bench_cpu.py runs and prints what it says (its speed is not tested here).
 
 The numbers it prints are machine-dependent; these tests only check that each
-mode runs end to end, on short blocks, and that bad input is refused in one line.
+mode runs end to end, on short measurements, that every measurement is a fresh
+process of one engine, and that bad input is refused in one line.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_cpu.py"
+QUICK = ("--rounds", "1", "--seconds", "0.01", "--warmup", "0")
 
 
 def bench(*args, check=True):
@@ -19,47 +23,61 @@ def bench(*args, check=True):
                           timeout=300, check=check)
 
 
-def test_the_table_has_a_row_per_case_and_says_which_blas_kernels_ran():
-    out = bench("--models", "lenet", "--rounds", "1", "--seconds", "0.02", "--threads", "1",
-                "--no-memory").stdout
+def test_the_table_has_a_row_per_case_and_says_which_kernels_ran():
+    out = bench("--models", "lenet", "--cases", "api-8", "fit-8", "infer-16", *QUICK).stdout
     lines = out.splitlines()
     assert "kernels" in lines[0] and "numpy" in lines[0]
     rows = [line.split() for line in lines if line.startswith("lenet")]
-    assert [row[1] + " " + row[2] for row in rows] == ["train 64", "train 256", "infer 1000"]
+    assert [row[1] for row in rows] == ["api-8", "fit-8", "infer-16"]
     for row in rows:
-        assert float(row[3].replace(",", "")) > 0                   # minicnn images/s
+        assert float(row[2].replace(",", "")) > 0                   # minicnn images/s
 
 
-def test_a_memory_child_reports_the_growth_of_its_peak_memory():
-    out = bench("--memory-child", "minicnn", "lenet", "train", "64").stdout
-    peak = json.loads(out.splitlines()[-1])["peak_mb"]
-    assert 1 < peak < 500               # activations and grads of 64 images: a few MB
+@pytest.mark.parametrize("engine", ["minicnn", "torch"])
+def test_a_child_measures_one_engine_alone(engine):
+    if engine == "torch":
+        pytest.importorskip("torch", reason="PyTorch is not installed")
+    out = bench("--child", engine, "lenet", "fit-16", "--seconds", "0.01", "--warmup", "0")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["images_per_second"] > 0 and result["steps"] >= 2
+    assert 0 <= result["peak_mb"] < 500
+
+
+def test_the_minicnn_child_never_imports_torch():
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['bench', '--child', 'minicnn', 'lenet', 'api-8', '--seconds', '0.01',"
+            f" '--warmup', '0']\n"
+            "try:\n"
+            f"    runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"
 
 
 def test_profile_lists_every_layer_and_the_total():
-    out = bench("--models", "lenet", "--profile", "--profile-steps", "1", "--threads", "1").stdout
+    out = bench("--models", "lenet", "--profile", "--profile-steps", "1").stdout
     assert out.count("total") == 2                                  # batch 64 and 256
     assert "Conv2d(3, 6) + ReLU + MaxPool2d" in out and "sgd" in out
 
 
-def test_zero_threads_is_refused_in_one_line():
-    result = bench("--threads", "0", check=False)
+def test_the_epoch_race_runs_both_training_commands(tiny_cifar):
+    pytest.importorskip("torch", reason="PyTorch is not installed")
+    out = bench("--epoch", "--rounds", "1", "--epochs", "1", "--batch-size", "16",
+                "--data-dir", str(tiny_cifar)).stdout
+    assert "round 1 minicnn" in out and "round 1 torch" in out
+    assert "speed ratio minicnn / PyTorch" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--threads", "0"), "--threads needs at least 1"),
+    (("--cases", "train-64"), "a case is api-N, fit-N or infer-N"),
+    (("--models", "resnet"), "unknown model 'resnet'"),
+    (("--rounds", "0"), "--rounds needs at least 1"),
+])
+def test_bad_options_are_refused_in_one_line(args, message):
+    result = bench(*args, check=False)
     assert result.returncode != 0
-    assert "--threads needs at least 1" in result.stderr and "Traceback" not in result.stderr
-
-
-def test_scaling_prints_both_thread_counts_for_each_engine_and_case():
-    out = bench("--models", "lenet", "--scaling", "--rounds", "1", "--seconds", "0.02").stdout
-    rows = [line.split() for line in out.splitlines() if line.startswith("lenet")]
-    minicnn = [row for row in rows if row[3] == "minicnn"]
-    assert [row[1] + " " + row[2] for row in minicnn] == ["train 64", "train 256", "infer 1000"]
-    for row in rows:
-        one, many, speedup = (float(value.replace(",", "")) for value in row[4:7])
-        assert one > 0 and many > 0
-        assert abs(speedup - many / one) < 0.01 + 0.01 * speedup      # rounded figures
-
-
-def test_scaling_refuses_a_thread_count_in_one_line():
-    result = bench("--scaling", "--threads", "2", check=False)
-    assert result.returncode != 0
-    assert "drop --threads" in result.stderr and "Traceback" not in result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
