@@ -121,17 +121,29 @@ def test_the_default_kernels_come_from_use_then_the_environment(monkeypatch):
                                                         (3, 1, 1, True), ((2, 3), 1, 0, True),
                                                         (1, 1, 0, True)])
 @pytest.mark.parametrize("chunk", [1, 3, "auto", None])
-@pytest.mark.parametrize("flat_limit", [fast_conv.FLAT_PRODUCT_MACS, 0],
-                         ids=["flat-if-stride-1", "never-flat"])
-def test_fast_conv_matches_the_reference(xp, threads, monkeypatch, k, stride, padding,
-                                         needs_dx, chunk, flat_limit):
-    monkeypatch.setattr(fast_conv, "FLAT_PRODUCT_MACS", flat_limit)
+@pytest.mark.parametrize("path", ["as chosen", "flat", "channels-last", "im2col"])
+def test_fast_conv_matches_the_reference(xp, threads, k, stride, padding, needs_dx, chunk,
+                                         path):
     x = backend.make_rng(1).standard_normal((7, 3, 9, 8))
     reference = Conv2d(3, 4, k, stride=stride, padding=padding).astype(xp.float64)
     reference.set_needs_input_grad(needs_dx)
     fast = fast_copy(reference)
     fast.chunk_images = chunk
+    if path == "flat" and stride != 1:
+        pytest.skip("flat cols need stride 1")
+    if path != "as chosen":
+        fast.path = lambda x: path
     assert_same_results(run(fast, x), run(reference, x))
+
+
+@pytest.mark.parametrize("shape,channels,expected", [((2, 3, 32, 32), (3, 6, 5, 1), "flat"),
+                                                     ((2, 24, 31, 31), (24, 32, 3, 1), "im2col"),
+                                                     ((2, 32, 15, 15), (32, 64, 3, 1), "im2col"),
+                                                     ((2, 128, 7, 7), (128, 128, 3, 1),
+                                                      "channels-last")])
+def test_each_layer_takes_the_path_its_shape_calls_for(xp, shape, channels, expected):
+    c, oc, k, p = channels
+    assert fast_copy(Conv2d(c, oc, k, padding=p)).path(xp.zeros(shape)) == expected
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -152,7 +164,7 @@ def test_a_backward_that_computes_dx_counts_its_dcols_rows_in_the_chunk_size(xp,
     per_image_forward = (150 * 140) * itemsize             # cols: C*kh*kw x OH*Wp
     per_image_dx = per_image_forward + (150 * 14 * 14) * itemsize   # + rows: C*kh*kw x Hp*Wp
     monkeypatch.setattr(fast_conv, "CHUNK_BYTES", 4 * per_image_forward)
-    forward_parts, dx_parts = fast.chunks(x, flat=True), fast.chunks(x, flat=True, dx=True)
+    forward_parts, dx_parts = fast.chunks(x, "flat"), fast.chunks(x, "flat", dx=True)
     assert len(dx_parts) > len(forward_parts)
     assert max(p.stop - p.start for p in dx_parts) * per_image_dx <= fast_conv.CHUNK_BYTES
     assert [i for p in dx_parts for i in range(p.start, p.stop)] == list(range(24))

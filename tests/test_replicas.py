@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from minicnn import models
+from minicnn import kernels, models
 from minicnn.errors import MinicnnError
 from minicnn.fast import replicas
 from minicnn.fast.replicas import Replicas
@@ -17,9 +17,10 @@ from minicnn.train import forward_backward
 TOLERANCE = {np.float64: 1e-12, np.float32: 2e-5}     # relative to each array's largest entry
 
 
-def twin_models(dtype, name="lenet"):
+def twin_models(dtype, name="lenet", **config):
     """Two copies of one model (same parameters), first layer without input gradient."""
-    first, second = models.build_model(name).astype(dtype), models.build_model(name).astype(dtype)
+    first = models.build_model(name, **config).astype(dtype)
+    second = models.build_model(name, **config).astype(dtype)
     for (_, a, key), (_, b, _) in zip(first.named_parameters(), second.named_parameters()):
         b.params[key] = a.params[key].copy()
     for model in (first, second):
@@ -126,11 +127,56 @@ def test_close_gives_the_model_ordinary_arrays_and_stops_the_workers():
     group.close()                                         # a second close does nothing
 
 
-def test_models_with_batch_statistics_are_refused():
-    airnet = models.build_model("airnet")
-    assert "BatchNorm" in replicas.refusal(airnet)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_batchnorm_statistics_are_those_of_the_whole_batch(dtype):
+    """airnet's BatchNorm layers add up their parts' sums across the processes: the
+    same loss, logits, grads and running statistics as the whole batch in one process."""
+    plain, split = twin_models(dtype, "airnet", width=4)
+    for (_, a, key), (_, b, _) in zip(plain.named_buffers(), split.named_buffers()):
+        b.buffers[key] = a.buffers[key].copy()
+    x, labels = batch(11, dtype)                     # 4 + 3 + 4 images
+    with Replicas(split, SoftmaxCrossEntropy(), processes=3) as group:
+        for _ in range(2):
+            loss, logits = plain_step(plain, SoftmaxCrossEntropy(), x, labels)
+            split_loss, split_logits = group.forward_backward(x, labels)
+            assert_close(split_loss, loss, dtype)
+            assert_close(split_logits, logits, dtype)
+            assert_same_grads(plain, split, dtype)
+        for (_, a, key), (_, b, _) in zip(plain.named_buffers(), split.named_buffers()):
+            assert_close(b.buffers[key], a.buffers[key], dtype)
+        one, _ = plain_step(plain, SoftmaxCrossEntropy(), x[:2], labels[:2])
+        alone, _ = group.forward_backward(x[:2], labels[:2])   # fewer images than processes
+        assert_close(alone, one, dtype)
+        assert_same_grads(plain, split, dtype)
+
+
+def test_a_workers_error_in_a_batchnorm_step_is_raised_and_the_next_step_works():
+    plain, split = twin_models(np.float64, "airnet", width=2)
+    x, labels = batch(6, np.float64)
+    bad = labels.copy()
+    bad[-1] = 99                                          # in the worker's part
+    with Replicas(split, SoftmaxCrossEntropy(), processes=2) as group:
+        with pytest.raises(RuntimeError, match="replica's step failed"):
+            group.forward_backward(x, bad)
+        loss, _ = plain_step(plain, SoftmaxCrossEntropy(), x, labels)
+        assert_close(group.forward_backward(x, labels)[0], loss, np.float64)
+
+
+def test_a_worker_that_dies_during_a_batchnorm_step_is_reported_not_waited_for():
+    _, split = twin_models(np.float32, "airnet", width=2)
+    x, labels = batch(6, np.float32)
+    with Replicas(split, SoftmaxCrossEntropy(), processes=2) as group:
+        group.forward_backward(x, labels)
+        group._workers[0]["process"].kill()
+        with pytest.raises(RuntimeError, match="process has exited|barrier|replica"):
+            group.forward_backward(x, labels)
+
+
+def test_models_the_processes_cannot_share_are_refused():
+    airnet = kernels.prepare(models.build_model("airnet"), "reference")   # plain BatchNorm
+    assert "BatchNorm2d layer has buffers" in replicas.refusal(airnet)
     assert replicas.default_processes(airnet) == 1
-    with pytest.raises(ValueError, match="batch statistics"):
+    with pytest.raises(ValueError, match="cannot share"):
         Replicas(airnet, SoftmaxCrossEntropy(), processes=2)
 
 

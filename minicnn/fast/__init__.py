@@ -10,6 +10,8 @@ its layers (:mod:`minicnn.kernels` does that; nothing else should):
     FastMaxPool2d   2x2 stride-2 windows as a knockout bracket  (fast/pooling.py)
     FastSequential  each conv -> ReLU -> 2x2 max-pool run fused into one pass
                     per chunk of images                         (fast/fused.py)
+    FastBatchNorm2d the batch statistics summed over the processes that share a
+                    batch (replicas)                            (fast/norm.py)
 
 plus the helpers they share (fast/im2col.py, fast/parallel.py) and
 data-parallel training over processes (fast/replicas.py). The tests compare
@@ -18,9 +20,11 @@ every kernel with its reference.
 
 from minicnn.fast.conv import FastConv2d
 from minicnn.fast.fused import FastSequential
+from minicnn.fast.norm import FastBatchNorm2d
 from minicnn.fast.pooling import FastMaxPool2d
 
 #: reference layer class -> its fast kernel
-KERNELS = {kernel.reference_layer: kernel for kernel in (FastConv2d, FastMaxPool2d, FastSequential)}
+KERNELS = {kernel.reference_layer: kernel
+           for kernel in (FastConv2d, FastMaxPool2d, FastSequential, FastBatchNorm2d)}
 
-__all__ = ["FastConv2d", "FastMaxPool2d", "FastSequential", "KERNELS"]
+__all__ = ["FastBatchNorm2d", "FastConv2d", "FastMaxPool2d", "FastSequential", "KERNELS"]

@@ -54,6 +54,7 @@ from minicnn.layers.conv import Conv2d
 CHUNK_BYTES = 4 * 2**20        # target size of one chunk's scratch, see the module docstring
 FLAT_PRODUCT_MACS = 2**20      # largest product per image for flat cols (docstring)
 PAIRS_MAX_OUT_CHANNELS = 8     # flat layers with at most this many filters take outputs in pairs
+CHANNELS_LAST_RATIO = 16      # channels-last where in_channels >= this times OW, see path()
 _SHARED_SCRATCH: dict = {}     # (what, worker) -> (buffer, layout) for every FastConv2d, see _buffer
 
 
@@ -86,6 +87,18 @@ class FastConv2d(Conv2d):
         return (not dx and self.out_channels <= PAIRS_MAX_OUT_CHANNELS and kw % 2 == 1
                 and self.geometry(x)[3] % 2 == 0 and self.takes_flat_path(x))
 
+    def path(self, x) -> str:
+        """How this input's chunks are computed: "flat" (stride 1, small products per
+        image: im2col_flat), else "channels-last" for many channels on a narrow output
+        (in_channels >= CHANNELS_LAST_RATIO * OW: the reference's cols would be copied
+        in runs of a few numbers, the (N, H, W, C) layout copies runs of C; the
+        transposes into and out of it cost more than that saves on wider outputs,
+        docs/performance.md), else "im2col" (the reference's cols per chunk)."""
+        if self.takes_flat_path(x):
+            return "flat"
+        wide = self.in_channels >= CHANNELS_LAST_RATIO * self.geometry(x)[1]
+        return "channels-last" if wide else "im2col"
+
     def _cols_per_image(self, x, flat: bool, pairs: bool = False) -> int:
         """Entries of cols for one image of x: C*kh*kw times OH*OW (flat: OH*Wp) windows;
         pairs: C*kh*(kw+1) times OH*Wp/2."""
@@ -95,16 +108,21 @@ class FastConv2d(Conv2d):
             return self.in_channels * kh * (kw + 1) * oh * wp // 2
         return self.in_channels * kh * kw * (oh * wp if flat else oh * ow)
 
-    def _scratch_per_image(self, x, flat: bool, dx: bool = False) -> int:
-        """Entries of scratch per image that a chunk works in: cols, or for the flat
+    def _scratch_per_image(self, x, path: str, dx: bool = False) -> int:
+        """Entries of scratch per image that a chunk works in: cols; for the flat
         version the output grid if that is larger (more output than input channels x
-        kh x kw). ``dx``: a flat backward that computes dx, which holds cols and the
-        padded dcols rows (C*kh*kw x Hp*Wp, see flat_backward) at once: their sum.
-        Outputs in pairs are sized as unpaired (docs/performance.md: larger chunks for
-        their smaller cols were no faster)."""
+        kh x kw); channels-last adds the padded input and the output (and with ``dx``
+        dcols and the padded dx). ``dx``: a flat backward that computes dx, which holds
+        cols and the padded dcols rows (C*kh*kw x Hp*Wp, see flat_backward) at once:
+        their sum. Outputs in pairs are sized as unpaired (docs/performance.md: larger
+        chunks for their smaller cols were no faster)."""
         kh, kw = self.kernel_size
-        oh, _, hp, wp = self.geometry(x)
+        oh, ow, hp, wp = self.geometry(x)
+        flat = path == "flat"
         cols = self._cols_per_image(x, flat)
+        if path == "channels-last":
+            padded = hp * wp * self.in_channels
+            return (2 * (cols + padded) if dx else cols + padded) + oh * ow * self.out_channels
         if not flat:
             return cols
         if dx:
@@ -147,7 +165,7 @@ class FastConv2d(Conv2d):
                                tails_are_zero=True)
         return im2col(x[part], kh, kw, self.stride, self.padding, out=out)   # (C*kh*kw, B*OH*OW)
 
-    def chunks(self, x, flat: bool, dx: bool = False):
+    def chunks(self, x, path: str, dx: bool = False):
         """Slices of the batch whose scratch (_scratch_per_image; ``dx``: for a backward
         that computes dx) takes about CHUNK_BYTES each (``chunk_images``: that many
         images each, None: one chunk), as many as a multiple of the worker threads so that they share evenly,
@@ -157,7 +175,7 @@ class FastConv2d(Conv2d):
         if self.chunk_images is None:
             size = n
         elif self.chunk_images == "auto":
-            per_image = self._scratch_per_image(x, flat, dx)
+            per_image = self._scratch_per_image(x, path, dx)
             size = max(1, CHUNK_BYTES // (per_image * x.dtype.itemsize))
             count = -(-n // size)                                # ceil(n / size)
             threads = parallel.workers() if backend.on_cpu(x) else 1
@@ -175,10 +193,12 @@ class FastConv2d(Conv2d):
         x = xp.ascontiguousarray(x)       # im2col_flat reads it by offsets (a flipped view would not do)
         oh, ow, _, _ = self.geometry(x)
         y = xp.empty((x.shape[0], self.out_channels, oh, ow), dtype=x.dtype)
-        flat = self.takes_flat_path(x)
-        chunk_forward = self._forward_flat if flat else self._forward_im2col
-        parallel.run_chunks(lambda part, worker: chunk_forward(x, y, part, worker),
-                            self.chunks(x, flat), x)
+        path = self.path(x)
+        chunk_forward = {"flat": self._forward_flat, "im2col": self._forward_im2col,
+                         "channels-last": self._forward_channels_last}[path]
+        weight = self._channels_last_weight() if path == "channels-last" else None
+        parallel.run_chunks(lambda part, worker: chunk_forward(x, y, part, worker, weight),
+                            self.chunks(x, path), x)
         self.cache = x if self.training else None
         return y
 
@@ -187,11 +207,13 @@ class FastConv2d(Conv2d):
         if x is None:
             raise RuntimeError("Conv2d.backward needs a forward pass in training mode first")
         dx = backend.array_module(dy).empty_like(x) if self.needs_input_grad else None
-        flat = self.takes_flat_path(x)
-        chunk_backward = self._backward_flat if flat else self._backward_im2col
+        path = self.path(x)
+        chunk_backward = {"flat": self._backward_flat, "im2col": self._backward_im2col,
+                          "channels-last": self._backward_channels_last}[path]
+        weight = self._channels_last_weight() if path == "channels-last" else None
         self.store_grads(parallel.run_chunks(
-            lambda part, worker: chunk_backward(x, dy, dx, part, worker),
-            self.chunks(x, flat, dx=dx is not None), x))
+            lambda part, worker: chunk_backward(x, dy, dx, part, worker, weight),
+            self.chunks(x, path, dx=dx is not None), x))
         return dx
 
     def store_grads(self, parts) -> None:
@@ -211,7 +233,7 @@ class FastConv2d(Conv2d):
 
     # One chunk of images, the plain formulas: cols (C*kh*kw, B*OH*OW) --------------
 
-    def _forward_im2col(self, x, y, part, worker):
+    def _forward_im2col(self, x, y, part, worker, _=None):
         oh, ow, _, _ = self.geometry(x)
         weight = self.params["weight"].reshape(self.out_channels, -1)          # (OC, C*kh*kw)
         cols = self._cols(x, part, worker, flat=False)
@@ -219,7 +241,7 @@ class FastConv2d(Conv2d):
         maps = y_mat.reshape(self.out_channels, -1, oh, ow).transpose(1, 0, 2, 3)
         self._add_bias(maps, y[part])
 
-    def _backward_im2col(self, x, dy, dx, part, worker):
+    def _backward_im2col(self, x, dy, dx, part, worker, _=None):
         kh, kw = self.kernel_size
         weight = self.params["weight"].reshape(self.out_channels, -1)
         cols = self._cols(x, part, worker, flat=False)                         # recomputed
@@ -229,6 +251,69 @@ class FastConv2d(Conv2d):
         d_weight = (cols @ dy_mat.T).T    # this chunk's dW = dY @ cols.T; BLAS is faster
         return d_weight, dy_mat.sum(axis=1)   # at this shape with the long axis inside
 
+    # One chunk of images, channels last: cols (B*OH*OW, kh*kw*C) -------------------
+    #
+    # The same products, transposed: with x in the (B, H, W, C) layout each kernel
+    # offset's slice is a block of whole channel vectors, so im2col and col2im copy
+    # runs of C numbers instead of rows of OW. x and dy are put into that layout once
+    # per chunk, and y and dx back into (N, C, H, W).
+    #
+    #     Y^T  = cols @ W^T               (B*OH*OW, OC)
+    #     dW^T = cols.T @ dY^T            (kh*kw*C, OC)
+    #     dcols = dY^T @ W                (B*OH*OW, kh*kw*C), then col2im
+
+    def _channels_last_weight(self):
+        """W^T with its rows in cols' (i, j, c) order: (kh*kw*C, OC)."""
+        weight = self.params["weight"]                                    # (OC, C, kh, kw)
+        return backend.array_module(weight).ascontiguousarray(
+            weight.transpose(2, 3, 1, 0)).reshape(-1, self.out_channels)
+
+    def _channels_last_cols(self, x, part, worker):
+        """cols (B, OH, OW, kh, kw, C) of the images ``part`` of x, in scratch buffers."""
+        kh, kw = self.kernel_size
+        oh, ow, hp, wp = self.geometry(x)
+        b, c, h, w = x[part].shape
+        p, s = self.padding, self.stride
+        x_pad = self._buffer("x channels last", worker, (b, hp, wp, c), x, zeroed=True)
+        x_pad[:, p:p + h, p:p + w, :] = x[part].transpose(0, 2, 3, 1)   # the border stays 0
+        cols = self._buffer("cols channels last", worker, (b, oh, ow, kh, kw, c), x)
+        for i in range(kh):
+            for j in range(kw):
+                cols[:, :, :, i, j] = x_pad[:, i:i + s * oh:s, j:j + s * ow:s]
+        return cols
+
+    def _forward_channels_last(self, x, y, part, worker, weight):
+        oh, ow, _, _ = self.geometry(x)
+        cols = self._channels_last_cols(x, part, worker)
+        b = cols.shape[0]
+        y_t = self._buffer("y channels last", worker, (b, oh, ow, self.out_channels), x)
+        backend.array_module(x).matmul(cols.reshape(b * oh * ow, -1), weight,
+                                       out=y_t.reshape(b * oh * ow, -1))
+        self._add_bias(y_t.transpose(0, 3, 1, 2), y[part])
+
+    def _backward_channels_last(self, x, dy, dx, part, worker, weight):
+        xp = backend.array_module(dy)
+        kh, kw = self.kernel_size
+        oh, ow, hp, wp = self.geometry(x)
+        p, s, oc = self.padding, self.stride, self.out_channels
+        cols = self._channels_last_cols(x, part, worker)                      # recomputed
+        b, c = cols.shape[0], self.in_channels
+        dy_t = self._buffer("dy channels last", worker, (b, oh, ow, oc), dy)
+        dy_t[...] = dy[part].transpose(0, 2, 3, 1)
+        dy_t = dy_t.reshape(-1, oc)                                           # (B*OH*OW, OC)
+        if dx is not None:
+            d_cols = self._buffer("dcols channels last", worker, (b, oh, ow, kh, kw, c), dy)
+            xp.matmul(dy_t, weight.T, out=d_cols.reshape(b * oh * ow, -1))
+            dx_pad = self._buffer("dx channels last", worker, (b, hp, wp, c), dy)
+            dx_pad.fill(0)
+            for i in range(kh):                       # col2im: each offset's share added back
+                for j in range(kw):
+                    dx_pad[:, i:i + s * oh:s, j:j + s * ow:s] += d_cols[:, :, :, i, j]
+            dx[part] = dx_pad[:, p:p + x.shape[2], p:p + x.shape[3]].transpose(0, 3, 1, 2)
+        d_weight_t = cols.reshape(b * oh * ow, -1).T @ dy_t                    # (kh*kw*C, OC)
+        d_weight = d_weight_t.reshape(kh, kw, c, oc).transpose(3, 2, 0, 1).reshape(oc, -1)
+        return d_weight, dy_t.sum(axis=0)
+
     # One chunk of images, stride 1: flat cols, one product per image ---------------
     #
     # cols is (B, C*kh*kw, OH*Wp), and the products are stacked over the images
@@ -236,12 +321,12 @@ class FastConv2d(Conv2d):
     # products are small enough for BLAS's fast small-matrix kernels, and the
     # outputs come out image by image, already in (N, OC, ...) order.
 
-    def _forward_flat(self, x, y, part, worker):
+    def _forward_flat(self, x, y, part, worker, _=None):
         grid = self.flat_forward(x, part, worker)
         for grid_part, columns in self.grid_columns(grid, self.geometry(x)[1]):
             y[part][..., columns] = grid_part
 
-    def _backward_flat(self, x, dy, dx, part, worker):
+    def _backward_flat(self, x, dy, dx, part, worker, _=None):
         pairs = self.takes_pairs_path(x, dx=dx is not None)
         dy_grid = self.flat_grid(x, part, worker, "dy grid", pairs)   # 0 in the extra columns
         for grid_part, columns in self.grid_columns(dy_grid, self.geometry(x)[1]):

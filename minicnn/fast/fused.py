@@ -92,7 +92,7 @@ class ConvReluPool:
             if masks is not None:
                 xp.greater(y[part], 0, out=positive)
 
-        parallel.run_chunks(chunk, conv.chunks(x, flat=True), x)
+        parallel.run_chunks(chunk, conv.chunks(x, "flat"), x)
         self.cache = (x, masks) if conv.training else None
         return y
 
@@ -115,7 +115,7 @@ class ConvReluPool:
             # that wrote the cells of the 2x2 windows; the rest of this grid is never written: 0
             return conv.flat_backward(x, dy_grid, dx, part, worker)
 
-        parts = conv.chunks(x, flat=True, dx=dx is not None)
+        parts = conv.chunks(x, "flat", dx=dx is not None)
         conv.store_grads(parallel.run_chunks(chunk, parts, x))
         return dx
 

@@ -15,10 +15,12 @@ part on one thread)::
     L    = sum_k (n_k / N) * L_k                       (the mean over the whole batch)
     dL/dθ = sum_k (n_k / N) * g_k
 
-This holds because the model treats every image on its own: no batch
-statistics, so models with BatchNorm (which has buffers) are refused. Each
-part's loss gradient is scaled by n_k / N before its backward, so the g's add
-up to dL/dθ in the model's grads and the optimizer steps as usual.
+This holds because every image's loss depends only on that image, once the
+batch statistics of BatchNorm are those of the whole batch: each process's
+BatchNorm layers (minicnn.fast.norm.FastBatchNorm2d) add up their parts' sums
+with the other processes' through :class:`_AllReduce` before using them.
+Each part's loss gradient is scaled by n_k / N before its backward, so the g's
+add up to dL/dθ in the model's grads and the optimizer steps as usual.
 
 The parameters live in shared memory: the calling process's model is rebound
 to views of it, its optimizer updates them in place, and every copy reads
@@ -40,6 +42,7 @@ import math
 import multiprocessing
 import os
 import signal
+import threading
 import traceback
 import weakref
 from multiprocessing import shared_memory
@@ -49,6 +52,7 @@ import numpy as np
 from minicnn import backend
 from minicnn.errors import MinicnnError
 from minicnn.fast import parallel
+from minicnn.fast.norm import FastBatchNorm2d
 from minicnn.train import forward_backward
 
 PROCESSES_VARIABLE = "MINICNN_PROCESSES"
@@ -73,9 +77,10 @@ def refusal(model) -> str | None:
     """Why ``model`` cannot be trained by replicas here, or None if it can."""
     if backend.name() != "numpy":
         return "replicas run on the NumPy backend only (a GPU is parallel already)"
-    if any(True for _ in model.named_buffers()):
-        return ("the model has buffers (BatchNorm): its batch statistics would differ "
-                "from part to part")
+    for _, module, _ in model.named_buffers():
+        if not isinstance(module, FastBatchNorm2d):
+            return (f"its {module.layer_name()} layer has buffers that the processes "
+                    "cannot share")
     return None
 
 
@@ -135,14 +140,49 @@ def _reply(worker) -> tuple:
         return "error", f"the replica's process exited (exit code {code})"
 
 
+class _AllReduce:
+    """all_sum(vector): the sum of the vectors that every process passes in its call of
+    the same number (counted from 0 in each step), the same array in every process
+    (added in rank order). The BatchNorm layers of each process call it in the same
+    order.
+
+    Each process writes its vector into its row of a shared block, waits at a barrier
+    for the others, and sums the rows. Two blocks are used in turn, so one barrier per
+    call is enough: a process writes block k again only in call i + 2, after every
+    process has passed call i + 1's barrier, and so has read call i's sums."""
+
+    def __init__(self, processes: int, width: int, barrier, spec=None, rank: int = 0):
+        layouts = [((2, processes, width), np.float64)]
+        self.block = _SharedArrays(layouts) if spec is None else _SharedArrays.attach(spec)
+        self.barrier, self.rank, self.calls = barrier, rank, 0
+
+    def all_sum(self, vector):
+        rows = self.block.arrays[0][self.calls % 2]
+        self.calls += 1
+        size = len(vector)
+        rows[self.rank, :size] = vector
+        self.barrier.wait()
+        return rows[:, :size].sum(axis=0)
+
+
+def _batch_norms(model) -> list:
+    return [module for _, module in model.modules() if isinstance(module, FastBatchNorm2d)]
+
+
+def _reduce_width(model) -> int:
+    """The longest vector the BatchNorm layers all-sum: 2 numbers per channel."""
+    return max((2 * module.num_features + 1 for module in _batch_norms(model)), default=0)
+
+
 def _slots(model):
     """[(module, key), ...] of every parameter, in a fixed order."""
     return [(module, key) for _, module, key in model.named_parameters()]
 
 
-def _worker(connection, model, criterion, params_spec, grads_spec) -> None:
+def _worker(connection, model, criterion, params_spec, grads_spec, reduce=None) -> None:
     """A worker process: forward and backward of its part of each batch (see the module
-    docstring), until told to stop."""
+    docstring), until told to stop. ``reduce``: (block spec, barrier, rank) of the
+    all-reduce its BatchNorm layers share with the other processes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the calling process's
     parallel.set_workers(1)
     parallel.hold_blas_to_one_thread()
@@ -152,6 +192,9 @@ def _worker(connection, model, criterion, params_spec, grads_spec) -> None:
         module.params[key] = view
     model.train()
     model.set_needs_input_grad(False)
+    sync = _AllReduce(0, 0, reduce[1], spec=reduce[0], rank=reduce[2]) if reduce else None
+    for module in _batch_norms(model):
+        module.sync = sync
     connection.send(("ready",))
     inputs = {}                                       # block name -> attached block
     while True:
@@ -170,14 +213,18 @@ def _worker(connection, model, criterion, params_spec, grads_spec) -> None:
                 inputs = {name: _SharedArrays.attach(inputs_spec)}
             # copies: the model's caches must not point into a block that is closed later
             x, labels = (array.copy() for array in inputs[name].arrays)
+            if sync is not None:
+                sync.calls = 0                        # each step's calls count from 0
             loss, logits = forward_backward(model, criterion, x, labels, len(labels) / total)
             for (module, key), out in zip(slots, grads.arrays):
                 out[...] = module.grads[key]
             connection.send(("done", float(loss), logits))
         except Exception:  # noqa: BLE001 (sent to the calling process, raised there)
+            if sync is not None:          # nobody may wait at the barrier for this part
+                sync.barrier.abort()
             connection.send(("error", traceback.format_exc()))
     model = slots = None                # drop the views of shared memory before closing it
-    for block in (*inputs.values(), params, grads):
+    for block in (*inputs.values(), params, grads, *([sync.block] if sync else [])):
         block.close()
 
 
@@ -202,18 +249,29 @@ class Replicas:
         parallel.hold_blas_to_one_thread()           # this process runs a part too
         self._workers = []
         context = multiprocessing.get_context("spawn")   # no fork of a process with threads
-        for _ in range(self.processes - 1):
+        self._sync = None
+        if _batch_norms(model):
+            self._sync = _AllReduce(self.processes, _reduce_width(model),
+                                    context.Barrier(self.processes))
+        for rank in range(1, self.processes):
             grads = _SharedArrays(layouts)
             ours, theirs = context.Pipe()
+            reduce = (self._sync.block.spec, self._sync.barrier, rank) if self._sync else None
             process = context.Process(target=_worker, daemon=True, name="minicnn-replica",
                                       args=(theirs, model, criterion, self._params.spec,
-                                            grads.spec))
+                                            grads.spec, reduce))
             process.start()
             theirs.close()
             self._workers.append({"process": process, "connection": ours, "grads": grads,
                                   "inputs": None})
         # close() when this object is dropped or at exit, if nobody called it
-        self._finalizer = weakref.finalize(self, _shut_down, model, self._params, self._workers)
+        self._finalizer = weakref.finalize(self, _shut_down, model, self._params, self._workers,
+                                           self._sync)
+        for module in _batch_norms(model):
+            module.sync = self._sync
+        if self._sync is not None:        # a worker that dies breaks the barrier at once
+            threading.Thread(target=_watch, args=(self._workers, self._sync.barrier),
+                             daemon=True, name="minicnn-replica-watch").start()
         for worker in self._workers:                  # each has its copy of the model now
             answer = _reply(worker)
             if answer[0] != "ready":
@@ -256,6 +314,8 @@ class Replicas:
             raise ValueError(f"{len(x)} images but {n} labels")
         self._check_parameters()
         parts = min(self.processes, n)
+        if self._sync is not None and parts < self.processes:
+            return self._alone(x, labels)        # the all-reduce needs every process
         bounds = [n * k // parts for k in range(parts + 1)]
         busy = []
         for worker, start, stop in zip(self._workers, bounds[1:-1], bounds[2:]):
@@ -268,16 +328,28 @@ class Replicas:
                 raise RuntimeError(f"a replica's process has exited "
                                    f"(exit code {worker['process'].exitcode})") from error
             busy.append((worker, block))
+        broken = False
+        if self._sync is not None:
+            self._sync.calls = 0                  # every process counts its calls from 0
         try:
             with parallel.in_calling_thread():
                 head = slice(0, bounds[1])
                 loss, logits_head = forward_backward(self.model, self.criterion, x[head],
                                                      labels[head], bounds[1] / n)
-        finally:
-            replies = [_reply(worker) for worker, _ in busy]
+        except threading.BrokenBarrierError:   # a worker failed or died mid-step
+            broken = True
+        except BaseException:
+            if self._sync is not None:         # the workers may wait at the barrier for us
+                self._sync.barrier.abort()
+            for worker, _ in busy:
+                _reply(worker)
+            self._repair_barrier()
+            raise
+        replies = [_reply(worker) for worker, _ in busy]
         failed = [reply[1] for reply in replies if reply[0] == "error"]
-        if failed:
-            raise RuntimeError(f"a replica's step failed:\n{failed[0]}")
+        if failed or broken:
+            self._repair_barrier()
+            raise RuntimeError(f"a replica's step failed:\n{(failed or ['(no reply)'])[0]}")
         logits = [logits_head]
         for (worker, _), (_, part_loss, part_logits) in zip(busy, replies):
             loss = loss + part_loss                       # scaled by its share already
@@ -285,6 +357,26 @@ class Replicas:
                 module.grads[key] = module.grads[key] + grad
             logits.append(part_logits)
         return np.asarray(loss, dtype=logits_head.dtype), np.concatenate(logits)
+
+    def _repair_barrier(self) -> None:
+        """After a failed step, when every process is out of the barrier: make it usable
+        again (unless a worker has died: then the replicas stay broken)."""
+        if self._sync is not None and all(w["process"].is_alive() for w in self._workers):
+            self._sync.barrier.reset()
+
+    def _alone(self, x, labels):
+        """The step in this process only, with its own batch statistics: for a batch
+        smaller than the number of processes."""
+        norms = _batch_norms(self.model)
+        for module in norms:
+            module.sync = None
+        try:
+            with parallel.in_calling_thread():
+                loss, logits = forward_backward(self.model, self.criterion, x, labels)
+        finally:
+            for module in norms:
+                module.sync = self._sync
+        return loss, logits
 
     def close(self) -> None:
         """Stop the workers and free the shared memory (the model keeps its parameters,
@@ -298,9 +390,21 @@ class Replicas:
         self.close()
 
 
-def _shut_down(model, params: _SharedArrays, workers: list) -> None:
+def _watch(workers: list, barrier) -> None:
+    """Break the barrier as soon as a worker process has died, so that no process waits
+    at it for a part that will never come; ends when the replicas are closed."""
+    while workers:
+        if any(not worker["process"].is_alive() for worker in list(workers)):
+            barrier.abort()
+            return
+        threading.Event().wait(0.2)
+
+
+def _shut_down(model, params: _SharedArrays, workers: list, sync=None) -> None:
     """Replicas.close(): stop the workers, give the model ordinary arrays again, free the
     shared memory. Runs once (weakref.finalize)."""
+    if sync is not None:
+        sync.barrier.abort()                           # no process may wait at it any more
     for worker in workers:
         try:
             worker["connection"].send(("stop",))
@@ -317,3 +421,7 @@ def _shut_down(model, params: _SharedArrays, workers: list) -> None:
         if module.params[key] is view:
             module.params[key] = view.copy()
     params.close()
+    for module in _batch_norms(model):
+        module.sync = None
+    if sync is not None:
+        sync.block.close()
