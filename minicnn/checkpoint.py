@@ -179,24 +179,30 @@ def load_model(path):
     if metadata.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {metadata['format_version']} is newer "
                               f"than this minicnn understands ({FORMAT_VERSION}); upgrade minicnn")
-    name = metadata.get("model")
-    if isinstance(name, str) and name in MODELS:
-        model = build_model(name, **metadata.get("config", {}))
-    elif "architecture" in metadata:
-        try:
-            model = architecture.build(metadata["architecture"])
-        except architecture.ArchitectureError as exc:
-            raise CheckpointError(f"{path}: {exc}") from None
-        except MemoryError:
-            raise CheckpointError(f"{path}: its architecture is too large to build") from None
-        if isinstance(name, str):       # registered where it was saved, not here: keep it
-            model.name, model.config = name, metadata.get("config", {})
-    else:
-        raise CheckpointError(f"{path}: unknown model {name!r} (and no architecture saved)")
+    model = model_from_metadata(metadata, source=str(path))
     load_parameters(model, arrays, source=str(path))
     metadata.setdefault("class_names", list(data.CLASS_NAMES))
     metadata.setdefault("normalization", default_normalization())
     return model, metadata
+
+
+def model_from_metadata(metadata: dict, source: str = "metadata"):
+    """A model of fresh parameters as ``metadata`` describes it: a registered model by its
+    name and config, any other from its architecture (CheckpointError if neither)."""
+    name = metadata.get("model")
+    if isinstance(name, str) and name in MODELS:
+        return build_model(name, **metadata.get("config", {}))
+    if "architecture" not in metadata:
+        raise CheckpointError(f"{source}: unknown model {name!r} (and no architecture saved)")
+    try:
+        model = architecture.build(metadata["architecture"])
+    except architecture.ArchitectureError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+    except MemoryError:
+        raise CheckpointError(f"{source}: its architecture is too large to build") from None
+    if isinstance(name, str):       # registered where it was saved, not here: keep the name
+        model.name, model.config = name, metadata.get("config", {})
+    return model
 
 
 def load_parameters(model, arrays: dict, source: str = "state dict") -> None:

@@ -1,4 +1,5 @@
-"""Command-line front ends: ``minicnn train | evaluate | classify``.
+"""Command-line front ends: ``minicnn train | evaluate | classify | trace``, and
+``convert | export`` (minicnn/cli_interop.py).
 
 Also reached as ``python -m minicnn ...`` and through the thin scripts in
 examples/. Errors caused by the input print one line on stderr and exit
@@ -343,6 +344,9 @@ def build_parser() -> ArgumentParser:
     add_evaluate_parser(subparsers)
     add_classify_parser(subparsers)
     add_trace_parser(subparsers)
+    from minicnn.cli_interop import add_convert_parser, add_export_parser   # they import this
+    add_convert_parser(subparsers)
+    add_export_parser(subparsers)
     return parser
 
 

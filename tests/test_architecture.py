@@ -8,35 +8,14 @@ import json
 import numpy as np
 import pytest
 
-from minicnn import (BatchNorm2d, Conv2d, Flatten, GlobalAvgPool2d, Linear, MaxPool2d, Module,
-                     ReLU, Residual, Scale, Sequential, backend, build_model, kernels, load_model,
-                     register, save_model)
+from conftest import every_layer_model, readme_model
+from minicnn import (Conv2d, Flatten, GlobalAvgPool2d, Linear, Module, Residual, Sequential,
+                     backend, build_model, kernels, load_model, register, save_model)
 from minicnn.architecture import ArchitectureError, build, describe, output_shape
 from minicnn.checkpoint import CheckpointError, read_npz, write_npz_atomic
 from minicnn.cli import main
 from minicnn.data import CIFAR10_MEAN, CLASS_NAMES
 from minicnn.models import MODELS
-
-
-def readme_model():
-    """The README's example model: the one the issue could not save."""
-    return Sequential(Conv2d(3, 8, 3, padding=1), ReLU(), MaxPool2d(2), Flatten(),
-                      Linear(8 * 16 * 16, 10))
-
-
-def every_layer_model():
-    """Every layer, nested every way, with non-default arguments."""
-    return Sequential(
-        Conv2d(3, 6, (3, 5), stride=2, padding=1, bias=False),
-        BatchNorm2d(6, eps=1e-3, momentum=0.3, weight=False),
-        ReLU(),
-        Residual(Conv2d(6, 6, 3, padding=1), ReLU()),
-        Residual(Sequential(BatchNorm2d(6, bias=False), Residual(ReLU()))),
-        MaxPool2d(3, stride=2, padding=1),
-        Sequential(Conv2d(6, 4, 1), ReLU()),
-        GlobalAvgPool2d(),
-        Linear(4, 7), Scale(0.25),
-    )
 
 
 def randomize(model, seed=1):
