@@ -116,10 +116,12 @@ def lived_in(model, seed: int = 0):
     for _, module in model.modules():
         if isinstance(module, BatchNorm2d):
             for key, value in module.params.items():
-                module.params[key] = value + rng.normal(0, 0.2, value.shape).astype(value.dtype)
+                noise = rng.normal(0, 0.2, value.shape).astype(np.float32)
+                module.params[key] = value + backend.to_device(noise)
     model.train()
     for _ in range(3):
-        model.forward(rng.standard_normal((8, 3, 32, 32)).astype(np.float32) * 2 + 0.5)
+        x = rng.standard_normal((8, 3, 32, 32)).astype(np.float32) * 2 + 0.5
+        model.forward(backend.to_device(x))
     return model.eval()
 
 

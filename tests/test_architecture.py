@@ -44,7 +44,7 @@ def test_describe_and_build_round_trip(make):
            {k: v.shape for k, v in model.state_dict().items()}
 
 
-def test_save_and_load_a_model_built_by_hand(tmp_path):
+def test_save_and_load_a_model_built_by_hand(tmp_path, xp):
     """The issue's case: no name, no class names, no normalization given."""
     model = randomize(every_layer_model())
     path = save_model(model, tmp_path / "mine.npz")
@@ -53,9 +53,10 @@ def test_save_and_load_a_model_built_by_hand(tmp_path):
     assert metadata["class_names"] == list(CLASS_NAMES)
     assert metadata["normalization"]["mean"] == list(CIFAR10_MEAN)
     assert kernels.of(loaded) == kernels.default()
-    x = images()
-    np.testing.assert_allclose(loaded.eval().forward(x), model.eval().forward(x), rtol=1e-5,
-                               atol=1e-6)
+    assert all(backend.array_module(v) is xp for v in loaded.state_dict().values())
+    x = backend.to_device(images())
+    np.testing.assert_allclose(backend.to_host(loaded.eval().forward(x)),
+                               backend.to_host(model.eval().forward(x)), rtol=1e-5, atol=1e-6)
 
 
 def test_a_file_without_class_names_gets_the_defaults(tmp_path):

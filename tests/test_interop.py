@@ -56,6 +56,20 @@ def test_npz_to_safetensors_and_back_needs_nothing_else(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
+@needs_safetensors
+def test_either_backend(tmp_path, xp):
+    from minicnn import backend
+    from minicnn.interop import load_torch_weights, save_torch_weights
+    model = lived_in(every_layer_model())             # built on the backend of the moment
+    save_torch_weights(model, tmp_path / "m.safetensors")
+    copy = every_layer_model()
+    load_torch_weights(copy, tmp_path / "m.safetensors")
+    for name, value in model.state_dict().items():
+        assert backend.array_module(copy.state_dict()[name]) is xp
+        np.testing.assert_array_equal(backend.to_host(copy.state_dict()[name]),
+                                      backend.to_host(value))
+
+
 def test_a_batch_norm_without_gamma_takes_only_ones():
     layer = BatchNorm2d(3, weight=False)
     arrays = torch_state_dict(layer)

@@ -71,6 +71,17 @@ def test_the_shipped_weights_on_the_example_images(name):
 
 
 @needs_onnx
+def test_a_model_on_either_backend(tmp_path, xp):
+    from minicnn import backend
+    from minicnn.onnx_export import export_onnx
+    model = lived_in(every_layer_model())             # built on the backend of the moment
+    path = export_onnx(model, tmp_path / "m.onnx")
+    x = images(3)
+    assert_same_logits(run_onnx(path, x),
+                       backend.to_host(model.eval().forward(backend.to_device(x))))
+
+
+@needs_onnx
 def test_the_file_says_what_it_holds(tmp_path):
     import onnx
     from minicnn.onnx_export import export_onnx
