@@ -4,8 +4,14 @@ File layout (loaded with ``allow_pickle=False``, so loading runs no code)::
 
     "0.weight", "0.bias", ...   parameter arrays, keyed as PyTorch's state_dict
     "__metadata__"              a 0-d unicode array holding a JSON object:
-        format, format_version, model, config, class_names,
+        format, format_version, model, config, architecture, class_names,
         normalization {mean, std}, training {...}, test_accuracy, ...
+
+``model`` and ``config`` name a registered model (minicnn.models; ``model`` is
+null for one built by hand). ``architecture`` is the model's structure
+(minicnn.architecture.describe: layer types and constructor arguments), kept
+for every model made of minicnn's layers: load_model rebuilds a registered
+model by its name, and any other from its architecture.
 
 Writes are atomic: the file is written beside the target and renamed over it,
 so an interrupted save never leaves a half-written file. Saving copies arrays
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -23,7 +30,7 @@ from pathlib import Path
 
 import numpy
 
-from minicnn import backend
+from minicnn import architecture, backend, data
 from minicnn.errors import MinicnnError
 from minicnn.models import MODELS, build_model
 
@@ -102,18 +109,68 @@ def read_metadata(path) -> dict:
         raise CheckpointError(f"{path}: not a minicnn weights file ({exc})") from None
 
 
-def save_model(model, path, **metadata) -> Path:
-    """Save ``model`` (built by build_model) and ``metadata`` to one .npz, atomically."""
-    header = {"format": FORMAT, "format_version": FORMAT_VERSION,
-              "model": model.name, "config": model.config}
+def default_normalization() -> dict:
+    """save_model's default normalization: CIFAR-10's per-channel statistics."""
+    return {"mean": list(data.CIFAR10_MEAN), "std": list(data.CIFAR10_STD)}
+
+
+def save_model(model, path, *, class_names=data.CLASS_NAMES, normalization=None,
+               **metadata) -> Path:
+    """Save ``model`` and ``metadata`` to one .npz, atomically.
+
+    Any model built from minicnn's layers can be saved (its architecture goes in the
+    file); a model with a layer of your own must be registered (minicnn.register) and
+    made by build_model. ``class_names`` name the model's outputs in order (default:
+    CIFAR-10's ten); ``normalization`` {"mean": [...], "std": [...]} is what images are
+    normalized with before the model sees them (default: CIFAR-10's statistics, as
+    minicnn.data.normalize and fit use).
+    """
+    header = model_header(model)
+    metadata["class_names"] = _checked_class_names(class_names)
+    metadata["normalization"] = _checked_normalization(normalization or default_normalization())
     return write_npz_atomic(path, model.state_dict(), {**metadata, **header})
+
+
+def model_header(model) -> dict:
+    """The metadata that says what model a file holds; ArchitectureError if it cannot say."""
+    name = getattr(model, "name", None)
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": name,
+              "config": getattr(model, "config", {}) if name is not None else {}}
+    try:
+        header["architecture"] = architecture.describe(model)
+    except architecture.ArchitectureError:
+        if name is None:            # neither a name nor a structure: it could not be loaded
+            raise
+    return header
+
+
+def _checked_class_names(names) -> list:
+    names = list(names) if isinstance(names, (list, tuple)) else names
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise MinicnnError(f"class_names must be a non-empty list of strings, got {names!r:.80}")
+    return names
+
+
+def _checked_normalization(value) -> dict:
+    try:
+        mean, std = [float(v) for v in value["mean"]], [float(v) for v in value["std"]]
+        extra = set(value) - {"mean", "std"}
+    except (TypeError, KeyError, ValueError):
+        mean, std, extra = [], [], set()
+    finite = all(math.isfinite(v) for v in mean + std)
+    if extra or not finite or not mean or len(mean) != len(std) or not all(s > 0 for s in std):
+        raise MinicnnError('normalization must be {"mean": [...], "std": [...]}, one number '
+                           f"per channel and every std > 0, got {value!r:.80}")
+    return {"mean": mean, "std": std}
 
 
 def load_model(path):
     """Rebuild a model from a weights file alone; returns (model, metadata).
 
-    The parameters are placed on the current backend. Names and shapes are
-    checked against the rebuilt architecture.
+    A registered model is built by its name and config, any other from the
+    architecture in the file. The parameters are placed on the current backend.
+    Names and shapes are checked against the rebuilt architecture. A file without
+    class names or normalization gets save_model's defaults in ``metadata``.
     """
     arrays, metadata = read_npz(path)
     if metadata.get("format") != FORMAT:
@@ -122,12 +179,30 @@ def load_model(path):
     if metadata.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {metadata['format_version']} is newer "
                               f"than this minicnn understands ({FORMAT_VERSION}); upgrade minicnn")
-    name = metadata.get("model")
-    if name not in MODELS:
-        raise CheckpointError(f"{path}: unknown model {name!r}")
-    model = build_model(name, **metadata.get("config", {}))
+    model = model_from_metadata(metadata, source=str(path))
     load_parameters(model, arrays, source=str(path))
+    metadata.setdefault("class_names", list(data.CLASS_NAMES))
+    metadata.setdefault("normalization", default_normalization())
     return model, metadata
+
+
+def model_from_metadata(metadata: dict, source: str = "metadata"):
+    """A model of fresh parameters as ``metadata`` describes it: a registered model by its
+    name and config, any other from its architecture (CheckpointError if neither)."""
+    name = metadata.get("model")
+    if isinstance(name, str) and name in MODELS:
+        return build_model(name, **metadata.get("config", {}))
+    if "architecture" not in metadata:
+        raise CheckpointError(f"{source}: unknown model {name!r} (and no architecture saved)")
+    try:
+        model = architecture.build(metadata["architecture"])
+    except architecture.ArchitectureError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+    except MemoryError:
+        raise CheckpointError(f"{source}: its architecture is too large to build") from None
+    if isinstance(name, str):       # registered where it was saved, not here: keep the name
+        model.name, model.config = name, metadata.get("config", {})
+    return model
 
 
 def load_parameters(model, arrays: dict, source: str = "state dict") -> None:

@@ -1,4 +1,5 @@
-"""Command-line front ends: ``minicnn train | evaluate | classify``.
+"""Command-line front ends: ``minicnn train | evaluate | classify | trace``, and
+``convert | export`` (minicnn/cli_interop.py).
 
 Also reached as ``python -m minicnn ...`` and through the thin scripts in
 examples/. Errors caused by the input print one line on stderr and exit
@@ -15,6 +16,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from minicnn import __version__, backend, data, kernels
+from minicnn.architecture import ArchitectureError, output_shape
 from minicnn.checkpoint import FORMAT, CheckpointError, load_model, read_metadata
 from minicnn.errors import MinicnnError
 from minicnn.images import load_image, load_images
@@ -211,8 +213,21 @@ def load_requested_model(args):
     """Select the backend, then load --weights (or the best shipped file)."""
     backend.use(args.backend)
     weights = Path(args.weights) if args.weights else default_weights()
+    return (weights, *load_image_model(weights))
+
+
+def load_image_model(weights: Path):
+    """(model, metadata) of a weights file whose model takes the 3x32x32 images these
+    commands give it and has one output per class name, else a MinicnnError."""
     model, metadata = load_model(weights)
-    return weights, model, metadata
+    try:
+        shape = output_shape(model, (3, 32, 32))
+    except ArchitectureError as exc:
+        raise MinicnnError(f"{weights}: {exc}") from None
+    if shape != (len(metadata["class_names"]),):
+        raise MinicnnError(f"{weights}: the model's output has shape {shape}, but the file "
+                           f"names {len(metadata['class_names'])} classes")
+    return model, metadata
 
 
 def add_evaluate_parser(subparsers) -> None:
@@ -302,7 +317,7 @@ def add_trace_parser(subparsers) -> None:
 def run_trace(args) -> int:
     backend.use("numpy")
     weights = Path(args.weights) if args.weights else WEIGHTS_DIR / "lenet_cifar10.npz"
-    model, metadata = load_model(weights)
+    model, metadata = load_image_model(weights)
     names = metadata["class_names"]
     x = data.normalize(load_image(args.image)[None], **metadata["normalization"])
     if args.label is None:
@@ -329,6 +344,9 @@ def build_parser() -> ArgumentParser:
     add_evaluate_parser(subparsers)
     add_classify_parser(subparsers)
     add_trace_parser(subparsers)
+    from minicnn.cli_interop import add_convert_parser, add_export_parser   # they import this
+    add_convert_parser(subparsers)
+    add_export_parser(subparsers)
     return parser
 
 

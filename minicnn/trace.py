@@ -10,6 +10,7 @@ dL/db of the layers that have parameters. Nothing is updated.
 from __future__ import annotations
 
 from minicnn import backend
+from minicnn.errors import MinicnnError
 from minicnn.layers.base import Sequential
 from minicnn.losses import SoftmaxCrossEntropy
 
@@ -25,17 +26,23 @@ def _norm(array) -> float:
     return float(xp.sqrt((array.astype(xp.float64) ** 2).sum()))
 
 
+def _label(layer) -> str:
+    """The layer's repr on one line (a Sequential or Residual inside spans several)."""
+    return " ".join(repr(layer).split())
+
+
 def trace_step(model: Sequential, x, label: int, class_names=None) -> list[str]:
     """Forward and backward of one batch ``x`` (1, C, H, W) with ``label``; returns the lines."""
     if not isinstance(model, Sequential):
-        raise TypeError("trace needs a Sequential model")
+        raise MinicnnError(f"trace follows a Sequential model layer by layer; this model is "
+                           f"a {model.layer_name()}")
     model.train()                       # as in a training step: caches for backward, and
                                         # BatchNorm uses the statistics of this one image
     lines = ["forward", f"   input                        {tuple(x.shape)!s:<18} {_stats(x)}"]
     out = x
     for index, layer in enumerate(model.layers):
         out = layer.forward(out)
-        lines.append(f"{index:>2} {layer!r:<27.27} {tuple(out.shape)!s:<18} {_stats(out)}")
+        lines.append(f"{index:>2} {_label(layer):<27.27} {tuple(out.shape)!s:<18} {_stats(out)}")
     criterion = SoftmaxCrossEntropy()
     labels = backend.xp.asarray([label])
     loss = float(criterion.forward(out, labels))
@@ -49,9 +56,9 @@ def trace_step(model: Sequential, x, label: int, class_names=None) -> list[str]:
     for index in reversed(range(len(model.layers))):
         layer = model.layers[index]
         grad = layer.backward(grad)
-        lines.append(f"{index:>2} {layer!r:<27.27} {tuple(grad.shape)!s:<18} "
+        lines.append(f"{index:>2} {_label(layer):<27.27} {tuple(grad.shape)!s:<18} "
                      f"norm {_norm(grad):.4g}")
-        for key in layer.params:
-            g = layer.grads[key]
-            lines.append(f"     dL/d{key:<23} {tuple(g.shape)!s:<18} norm {_norm(g):.4g}")
+        for name, module, key in layer.named_parameters():     # a container's: its layers'
+            g = module.grads[key]
+            lines.append(f"     dL/d{name:<23} {tuple(g.shape)!s:<18} norm {_norm(g):.4g}")
     return lines

@@ -35,8 +35,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from minicnn import backend, data, kernels
-from minicnn.checkpoint import (CheckpointError, load_parameters, read_npz, save_model,
-                                 write_json_atomic, write_npz_atomic)
+from minicnn.checkpoint import (CheckpointError, load_parameters, model_header, read_npz,
+                                 save_model, write_json_atomic, write_npz_atomic)
 from minicnn.errors import MinicnnError
 from minicnn.losses import SoftmaxCrossEntropy
 from minicnn.optim import SGD, make_schedule, norm_and_bias_names
@@ -117,7 +117,11 @@ def evaluate(model, dataset: data.Dataset, normalization: dict, batch_size: int 
     k = len(dataset.class_names)
     images = backend.to_device(dataset.images)
     labels = backend.to_device(dataset.labels)
-    predicted = predict_logits(model, images, normalization, batch_size, tta).argmax(axis=1)
+    logits = predict_logits(model, images, normalization, batch_size, tta)
+    if len(logits) and logits.shape[1:] != (k,):
+        raise MinicnnError(f"the model's output has shape {tuple(logits.shape[1:])}, but the "
+                           f"data set has {k} classes")
+    predicted = logits.argmax(axis=1)
     confusion = backend.to_host(xp.bincount(labels * k + predicted, minlength=k * k)).reshape(k, k)
     totals = confusion.sum(axis=1)
     n = int(totals.sum())
@@ -243,6 +247,7 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
     saving when stopped with Ctrl-C.
     """
     out = Path(out)
+    model_header(model)         # a model that cannot be saved fails now, not after an epoch
     train = train.subset(config.limit)
     n = len(train)
     steps_per_epoch = math.ceil(n / config.batch_size)

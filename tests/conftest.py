@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minicnn import backend, kernels
+from minicnn import (BatchNorm2d, Conv2d, Flatten, GlobalAvgPool2d, Linear, MaxPool2d, ReLU,
+                     Residual, Scale, Sequential, backend, kernels)
 
 REAL_DATA = Path(os.environ.get("MINICNN_DATA", "")) if os.environ.get("MINICNN_DATA") else None
 if REAL_DATA is None:
@@ -82,3 +83,52 @@ def make_tarball(folder: Path, tarball: Path) -> Path:
 @pytest.fixture
 def tiny_cifar(tmp_path) -> Path:
     return make_cifar_folder(tmp_path / "data")
+
+
+# --- models for the save, convert and export tests -----------------------------------
+
+def readme_model():
+    """The README's example model (the one its issue could not save)."""
+    return Sequential(Conv2d(3, 8, 3, padding=1), ReLU(), MaxPool2d(2), Flatten(),
+                      Linear(8 * 16 * 16, 10))
+
+
+def every_layer_model():
+    """Every layer minicnn has, nested every way, with non-default arguments."""
+    return Sequential(
+        Conv2d(3, 6, (3, 5), stride=2, padding=1, bias=False),
+        BatchNorm2d(6, eps=1e-3, momentum=0.3, weight=False),
+        ReLU(),
+        Residual(Conv2d(6, 6, 3, padding=1), ReLU()),
+        Residual(Sequential(BatchNorm2d(6, bias=False), Residual(ReLU()))),
+        MaxPool2d(3, stride=2, padding=1),
+        Sequential(Conv2d(6, 4, 1), ReLU()),
+        GlobalAvgPool2d(),
+        Linear(4, 7), Scale(0.25),
+    )
+
+
+def lived_in(model, seed: int = 0):
+    """``model`` as training leaves it: BatchNorm's parameters moved off 1 and 0 and its
+    running statistics those of a few batches, so that a copy which mixed two of them up
+    or left one out gives other logits. Returns it in eval mode."""
+    rng = np.random.default_rng(seed)
+    for _, module in model.modules():
+        if isinstance(module, BatchNorm2d):
+            for key, value in module.params.items():
+                noise = rng.normal(0, 0.2, value.shape).astype(np.float32)
+                module.params[key] = value + backend.to_device(noise)
+    model.train()
+    for _ in range(3):
+        x = rng.standard_normal((8, 3, 32, 32)).astype(np.float32) * 2 + 0.5
+        model.forward(backend.to_device(x))
+    return model.eval()
+
+
+def example_images(metadata: dict) -> np.ndarray:
+    """The ten pictures of examples/images/, normalized as a weights file's metadata says."""
+    from minicnn.data import normalize
+    from minicnn.images import load_images
+    folder = Path(__file__).resolve().parents[1] / "examples" / "images"
+    _, pictures, _ = load_images(sorted(str(p) for p in folder.glob("*.png")))
+    return normalize(pictures, **metadata["normalization"])
