@@ -372,6 +372,9 @@ def add_visualize_parser(subparsers) -> None:
                         "(default 0.3)")
     p.add_argument("--seed", type=non_negative_int, default=0,
                    help="seed of SmoothGrad's noise (default 0)")
+    p.add_argument("--dpi", type=positive_int, default=100,
+                   help="pixels per inch of the figures (default 100: the widest is 1260 "
+                        "pixels)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar")
     p.set_defaults(handler=run_visualize)
@@ -396,7 +399,7 @@ def run_visualize(args) -> int:
     panels, label = report.study(
         model, metadata, image, image_name=Path(args.image).name, weights_name=weights.name,
         label=label, history=history, top_k=args.top_k, samples=args.samples,
-        noise=args.noise, seed=args.seed, progress=args.progress)
+        noise=args.noise, seed=args.seed, dpi=args.dpi, progress=args.progress)
     print(f"{args.image} through {weights}, on the {kernels.of(model)} kernels")
     print(label_line(label, names, args.label is not None))
     written = report.write_pngs(panels, out) if out is not None else []

@@ -126,7 +126,11 @@ def test_curves_without_learning_rates_say_so(tmp_path):
     (tmp_path / "h.json").write_text(json.dumps(history))
     read = read_history(tmp_path / "h.json")
     assert all("lr" not in e for e in read["history"])
-    assert report.figures.png_bytes(report.figures.curves(read["history"], "t"))
+    figure = report.figures.curves(read["history"], "t")
+    assert [t.get_text() for t in figure.axes[2].texts] == ["no learning rate\nin this history"]
+    sizes = [Image.open(io.BytesIO(report.figures.png_bytes(figure, dpi))).size
+             for dpi in (100, 50)]
+    assert sizes == [(1260, 390), (630, 195)]
 
 
 # --- bad input: one line, exit 1, nothing written ----------------------------------------
@@ -189,7 +193,7 @@ def test_bad_input_is_one_line_exit_1_and_nothing_written(case, tmp_path, capsys
 
 def test_without_a_history_there_are_no_curves(tmp_path, capsys, monkeypatch):
     # which panels there are, not how they look (that is above): skip the slow rendering
-    monkeypatch.setattr(report.figures, "png_bytes", lambda figure: b"\x89PNG not drawn")
+    monkeypatch.setattr(report.figures, "png_bytes", lambda figure, dpi: b"\x89PNG not drawn")
     weights = tmp_path / "copy.npz"                     # no .history.json beside it
     weights.write_bytes(WEIGHTS.read_bytes())
     assert visualize("--weights", weights, "--html", tmp_path / "r.html") == 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 
 import numpy
+from PIL import Image
 
 from minicnn.errors import MinicnnError
 
@@ -34,9 +35,11 @@ WIDE_INCHES = 12.6            # the widest figure: 1260 pixels, the HTML page's 
 
 
 def png_bytes(figure: Figure, dpi: int = 100) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=dpi)
-    return buffer.getvalue()
+    """The figure as a PNG file: RGB (the background is opaque white), compressed hard."""
+    drawn, packed = io.BytesIO(), io.BytesIO()
+    figure.savefig(drawn, format="png", dpi=dpi)
+    Image.open(drawn).convert("RGB").save(packed, format="PNG", optimize=True)
+    return packed.getvalue()
 
 
 def _pixel_axes(axes, unit: str = "pixel") -> None:

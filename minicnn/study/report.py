@@ -35,15 +35,16 @@ class Panel:
 
     name: str          # file name without .png, e.g. "features_3"
     title: str
-    png: bytes
     shows: str         # caption, first line: what the figure shows
     notice: str        # caption, second line: what to notice
+    figure: object = None      # the matplotlib Figure, until it is drawn into png
+    png: bytes = b""
 
 
 # --- the panels ------------------------------------------------------------------------
 
 def _panel(name: str, title: str, figure, shows: str, notice: str) -> Panel:
-    return Panel(name, title, figures.png_bytes(figure), shows, notice)
+    return Panel(name, title, shows, notice, figure)
 
 
 def _input_panel(image, image_name, class_names, probabilities, top_k, tta) -> Panel:
@@ -164,10 +165,12 @@ def _curves_panel(history: dict, name: str) -> Panel:
 def study(model, metadata: dict, image_uint8, *, image_name: str, weights_name: str,
           label: int | None = None, history: dict | None = None, top_k: int = 5,
           samples: int = 256, noise: float = 0.3, seed: int = 0, max_maps: int = 32,
-          max_filters: int = 24, progress: bool = False) -> tuple[list[Panel], int]:
+          max_filters: int = 24, dpi: int = 100,
+          progress: bool = False) -> tuple[list[Panel], int]:
     """The panels for one image (3, H, W uint8) through ``model`` (a Sequential of minicnn
     layers), explaining class ``label`` (default: the predicted one); and that label.
-    ``progress``: a progress bar on stderr while the figures are drawn."""
+    ``dpi``: pixels per inch of the PNGs; ``progress``: a progress bar on stderr while
+    the figures are drawn."""
     class_names, normalization = check_metadata(metadata, weights_name)
     x = data.normalize(backend.to_device(image_uint8[None]), **normalization)
     convs, logits = conv_outputs(model, x)
@@ -186,9 +189,13 @@ def study(model, metadata: dict, image_uint8, *, image_name: str, weights_name: 
                                 samples, noise, seed),
         lambda: _filters_panel(model, max_filters),
         *([lambda: _curves_panel(history, weights_name)] if history is not None else [])]
-    panels = [step() for step in tqdm(steps, desc="drawing", unit="figure", leave=False,
-                                      disable=not progress)]
-    return [p for p in panels if p is not None], label
+    panels = []
+    for step in tqdm(steps, desc="drawing", unit="figure", leave=False, disable=not progress):
+        panel = step()
+        if panel is not None:
+            panel.png, panel.figure = figures.png_bytes(panel.figure, dpi), None
+            panels.append(panel)
+    return panels, label
 
 
 # --- writing ---------------------------------------------------------------------------
