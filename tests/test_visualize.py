@@ -204,6 +204,17 @@ def test_without_a_history_there_are_no_curves(tmp_path, capsys, monkeypatch):
     assert text.count("<img") == len(PANELS) - 1 and 'id="curves"' not in text
 
 
+def test_without_matplotlib_visualize_says_what_to_install(tmp_path):
+    blocked = ("import sys; sys.modules['matplotlib'] = None; from minicnn.cli import main; "
+               f"sys.exit(main(['visualize', '--html', {str(tmp_path / 'r.html')!r}]))")
+    done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 1
+    assert done.stderr == ("minicnn visualize: error: drawing the figures needs matplotlib: "
+                           "pip install 'minicnn[plot]'\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_example_script_is_the_subcommand():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     script = str(ROOT / "examples" / "visualize.py")
