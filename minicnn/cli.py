@@ -1,5 +1,5 @@
-"""Command-line front ends: ``minicnn train | evaluate | classify | trace``, and
-``convert | export`` (minicnn/cli_interop.py).
+"""Command-line front ends: ``minicnn train | evaluate | classify | trace | visualize``,
+and ``convert | export`` (minicnn/cli_interop.py).
 
 Also reached as ``python -m minicnn ...`` and through the thin scripts in
 examples/. Errors caused by the input print one line on stderr and exit
@@ -23,9 +23,10 @@ from minicnn.images import load_image, load_images
 from minicnn.losses import softmax
 from minicnn.models import MODELS, build_model, check_config
 from minicnn.optim import SCHEDULES
+from minicnn.study.inputs import check_metadata, read_history
 from minicnn.trace import trace_step
-from minicnn.train import (TrainConfig, TrainingInterrupted, evaluate, fit, predict_logits,
-                           state_path)
+from minicnn.train import (TrainConfig, TrainingInterrupted, evaluate, fit, history_path,
+                           predict_logits, state_path)
 
 KERNELS_HELP = ("compute with the reference layers (the textbook code of minicnn/layers/) or "
                 "the fast kernels (minicnn/fast/); default: $MINICNN_KERNELS, else fast")
@@ -296,41 +297,138 @@ def run_classify(args) -> int:
     return EXIT_ERROR if errors else 0
 
 
-# --- trace -------------------------------------------------------------------------
+# --- trace and visualize -------------------------------------------------------------
 
-DEFAULT_TRACE_IMAGE = Path(__file__).resolve().parent.parent / "examples" / "images" / "cat.png"
+EXAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "examples" / "images" / "cat.png"
+SEED_WEIGHTS = WEIGHTS_DIR / "lenet_cifar10.npz"
+
+
+def add_study_options(p) -> None:
+    """The options trace and visualize share: which image, weights, label, kernels."""
+    p.add_argument("image", nargs="?", default=str(EXAMPLE_IMAGE),
+                   help="image file (default: examples/images/cat.png)")
+    p.add_argument("--weights", help="weights file (default: weights/lenet_cifar10.npz, "
+                                     "the seed network)")
+    p.add_argument("--label", help="class name or index (default: the predicted class)")
+    add_kernels_option(p)
+
+
+def study_inputs(args, command: str):
+    """(weights path, model, class names, normalization, image uint8 (3, 32, 32)) for
+    trace or visualize."""
+    backend.use("numpy")
+    if Path(args.image).suffix == ".npz":
+        raise MinicnnError(f"{args.image} is a weights file, not an image; give it as "
+                           f"--weights {args.image} (see minicnn {command} --help)")
+    weights = Path(args.weights) if args.weights else SEED_WEIGHTS
+    model, metadata = load_image_model(weights)
+    names, normalization = check_metadata(metadata, weights)
+    return weights, model, metadata, names, normalization, load_image(args.image)
+
+
+def chosen_label(text: str | None, names: list[str]) -> int | None:
+    """The class index --label names (a name or an index); None when not given."""
+    if text is None:
+        return None
+    if text in names:
+        return names.index(text)
+    if text.isdigit() and int(text) < len(names):
+        return int(text)
+    raise MinicnnError(f"--label must be a class name ({', '.join(names)}) "
+                       f"or an index below {len(names)}, got {text!r}")
+
+
+def label_line(label: int, names: list[str], given: bool) -> str:
+    how = "from --label" if given else "the predicted class; --label to choose"
+    return f"label: {names[label]} ({how})"
 
 
 def add_trace_parser(subparsers) -> None:
     p = subparsers.add_parser("trace", help="follow one image through forward and backward, "
                                             "layer by layer")
-    p.add_argument("image", nargs="?", default=str(DEFAULT_TRACE_IMAGE),
-                   help="image file (default: examples/images/cat.png)")
-    p.add_argument("--label", help="class name or index for the loss (default: the "
-                                   "predicted class)")
-    p.add_argument("--weights", help="weights file (default: weights/lenet_cifar10.npz, "
-                                     "the seed network)")
-    add_kernels_option(p)
+    add_study_options(p)
     p.set_defaults(handler=run_trace)
 
 
 def run_trace(args) -> int:
-    backend.use("numpy")
-    weights = Path(args.weights) if args.weights else WEIGHTS_DIR / "lenet_cifar10.npz"
-    model, metadata = load_image_model(weights)
-    names = metadata["class_names"]
-    x = data.normalize(load_image(args.image)[None], **metadata["normalization"])
-    if args.label is None:
+    weights, model, _, names, normalization, image = study_inputs(args, "trace")
+    x = data.normalize(image[None], **normalization)
+    label = chosen_label(args.label, names)
+    given = label is not None
+    if not given:
         label = int(model.eval().forward(x).argmax())
-    elif args.label in names:
-        label = names.index(args.label)
-    elif args.label.isdigit() and int(args.label) < len(names):
-        label = int(args.label)
-    else:
-        raise MinicnnError(f"--label must be a class name ({', '.join(names)}) "
-                           f"or an index below {len(names)}, got {args.label!r}")
-    print(f"{args.image} through {weights}, on the {kernels.of(model)} kernels\n")
+    print(f"{args.image} through {weights}, on the {kernels.of(model)} kernels")
+    print(label_line(label, names, given) + "\n")
     print("\n".join(trace_step(model, x, label, names)))
+    return 0
+
+
+def add_visualize_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "visualize", help="pictures of one image through a trained model: predictions, "
+                          "feature maps, saliency, filters, training curves",
+        description="Draw what a trained model does with one image: its top predictions, "
+                    "each conv layer's feature maps, saliency maps (gradient, SmoothGrad, "
+                    "gradient x input, by minicnn's own backward), the first layer's filters "
+                    "and the training curves, each titled and captioned. Writes PNG files "
+                    "(--out) and/or one self-contained HTML page (--html). Needs matplotlib.")
+    add_study_options(p)
+    p.add_argument("--html", help="write one self-contained HTML page (images inlined) here")
+    p.add_argument("--out", help="folder for PNG files (default runs/visualize when --html "
+                                 "is not given)")
+    p.add_argument("--history", help="training history JSON (default: WEIGHTS' "
+                                     ".history.json, if there is one)")
+    p.add_argument("--top-k", type=positive_int, default=5,
+                   help="predictions to show (default 5)")
+    p.add_argument("--samples", type=positive_int, default=256,
+                   help="noisy copies SmoothGrad averages over (default 256)")
+    p.add_argument("--noise", type=non_negative_float, default=0.3,
+                   help="SmoothGrad's noise sd, as a fraction of the input's range "
+                        "(default 0.3)")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of SmoothGrad's noise (default 0)")
+    p.add_argument("--dpi", type=positive_int, default=100,
+                   help="pixels per inch of the figures (default 100: the widest is 1260 "
+                        "pixels)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar")
+    p.set_defaults(handler=run_visualize)
+
+
+def run_visualize(args) -> int:
+    from minicnn.study import report       # needs matplotlib, which only this command does
+    out = Path(args.out) if args.out else (None if args.html else Path("runs/visualize"))
+    if out is not None and out.exists() and not out.is_dir():
+        raise MinicnnError(f"--out {out} is a file; give a folder")
+    if args.html and Path(args.html).is_dir():
+        raise MinicnnError(f"--html {args.html} is a folder; give a file name such as "
+                           f"{Path(args.html) / 'report.html'}")
+    weights, model, metadata, names, _, image = study_inputs(args, "visualize")
+    history_file = Path(args.history) if args.history else history_path(weights)
+    history = None
+    if args.history or history_file.exists():
+        history = read_history(history_file)
+    else:
+        print(f"no training history at {history_file}: no curves (--history to give one)")
+    label = chosen_label(args.label, names)
+    panels, label = report.study(
+        model, metadata, image, image_name=Path(args.image).name, weights_name=weights.name,
+        label=label, history=history, top_k=args.top_k, samples=args.samples,
+        noise=args.noise, seed=args.seed, dpi=args.dpi, progress=args.progress)
+    print(f"{args.image} through {weights}, on the {kernels.of(model)} kernels")
+    print(label_line(label, names, args.label is not None))
+    written = report.write_pngs(panels, out) if out is not None else []
+    if args.html:
+        title = f"{Path(args.image).name} through {weights.name}"
+        intro = (f"What the trained model in {weights} ({metadata.get('model', 'a model')}, "
+                 f"{model.num_parameters():,} parameters) does with {args.image}: "
+                 f"{label_line(label, names, args.label is not None)}.")
+        footer = ("Made by minicnn visualize. Every gradient here comes from minicnn's own "
+                  "backward pass; the tests check it against finite differences.")
+        written.append(report.write_html(report.html_page(panels, title, intro, footer),
+                                         args.html))
+    for path in written:
+        print(f"wrote {path}")
     return 0
 
 
@@ -344,6 +442,7 @@ def build_parser() -> ArgumentParser:
     add_evaluate_parser(subparsers)
     add_classify_parser(subparsers)
     add_trace_parser(subparsers)
+    add_visualize_parser(subparsers)
     from minicnn.cli_interop import add_convert_parser, add_export_parser   # they import this
     add_convert_parser(subparsers)
     add_export_parser(subparsers)

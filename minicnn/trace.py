@@ -21,6 +21,11 @@ def _stats(array) -> str:
             f"zeros {float((array == 0).mean()):.0%}")
 
 
+def _row(what: str, array, text: str) -> str:
+    """An indented line: what was computed, its shape, and ``text``, in columns."""
+    return f"     {what:<12} {tuple(array.shape)!s:<18} {text}"
+
+
 def _norm(array) -> float:
     xp = backend.array_module(array)
     return float(xp.sqrt((array.astype(xp.float64) ** 2).sum()))
@@ -32,33 +37,37 @@ def _label(layer) -> str:
 
 
 def trace_step(model: Sequential, x, label: int, class_names=None) -> list[str]:
-    """Forward and backward of one batch ``x`` (1, C, H, W) with ``label``; returns the lines."""
+    """Forward and backward of one batch ``x`` (1, C, H, W) with ``label``; returns the lines.
+
+    Each layer gets a line with its whole name, then indented lines with what
+    it computed: its output on the way forward, dL/d(its input) and its
+    parameters' gradients on the way back."""
     if not isinstance(model, Sequential):
         raise MinicnnError(f"trace follows a Sequential model layer by layer; this model is "
                            f"a {model.layer_name()}")
     model.train()                       # as in a training step: caches for backward, and
                                         # BatchNorm uses the statistics of this one image
-    lines = ["forward", f"   input                        {tuple(x.shape)!s:<18} {_stats(x)}"]
+    lines = ["forward: each layer's output",
+             _row("input", x, _stats(x))]
     out = x
     for index, layer in enumerate(model.layers):
         out = layer.forward(out)
-        lines.append(f"{index:>2} {_label(layer):<27.27} {tuple(out.shape)!s:<18} {_stats(out)}")
+        lines += [f"{index:>2} {_label(layer)}", _row("output", out, _stats(out))]
     criterion = SoftmaxCrossEntropy()
     labels = backend.xp.asarray([label])
     loss = float(criterion.forward(out, labels))
     name = class_names[label] if class_names else str(label)
-    lines += [f"loss: softmax cross-entropy for label {label} ({name}) = {loss:.4f}", "",
-              "backward (dL/d of each layer's input; then its parameters' gradients)"]
+    lines += ["", f"loss: softmax cross-entropy for label {label} ({name}) = {loss:.4f}", "",
+              "backward: dL/d(each layer's input), then dL/d(its parameters)"]
     grad = criterion.backward()
-    lines.append(f"   dL/dlogits                   {tuple(grad.shape)!s:<18} "
-                 f"norm {_norm(grad):.4g}")
+    lines.append(_row("dL/dlogits", grad, f"norm {_norm(grad):.4g}"))
     model.set_needs_input_grad(True)
     for index in reversed(range(len(model.layers))):
         layer = model.layers[index]
         grad = layer.backward(grad)
-        lines.append(f"{index:>2} {_label(layer):<27.27} {tuple(grad.shape)!s:<18} "
-                     f"norm {_norm(grad):.4g}")
+        lines += [f"{index:>2} {_label(layer)}",
+                  _row("dL/dx", grad, f"norm {_norm(grad):.4g}")]
         for name, module, key in layer.named_parameters():     # a container's: its layers'
             g = module.grads[key]
-            lines.append(f"     dL/d{name:<23} {tuple(g.shape)!s:<18} norm {_norm(g):.4g}")
+            lines.append(_row(f"dL/d{name}", g, f"norm {_norm(g):.4g}"))
     return lines

@@ -14,10 +14,11 @@ from minicnn.backend import BackendError
 
 PACKAGE = Path(backend.__file__).parent
 # The backend is the only module that imports numpy or cupy for computing; the
-# I/O modules use numpy for host-side file formats (npz, pickled batches, images, PNGs,
-# PyTorch's state dicts, ONNX initializers), and replicas.py for arrays in host shared
-# memory (it runs on the NumPy backend only).
-ALLOWED_NUMPY = {"backend.py", "data.py", "checkpoint.py", "images.py", "visualize.py",
+# I/O modules use numpy for host-side file formats (npz, pickled batches, images,
+# PyTorch's state dicts, ONNX initializers), study/figures.py for drawing host arrays
+# with matplotlib, and replicas.py for arrays in host shared memory (it runs on the
+# NumPy backend only).
+ALLOWED_NUMPY = {"backend.py", "data.py", "checkpoint.py", "images.py", "study/figures.py",
                  "interop.py", "onnx_export.py", "fast/replicas.py"}
 ALLOWED_CUPY = {"backend.py"}
 

@@ -124,3 +124,15 @@ def test_trace_on_the_fast_kernels_runs_fast_code(capsys):
     called = calls_into_minicnn(lambda: main(["trace", "--kernels", "fast"]))
     assert "on the fast kernels" in capsys.readouterr().out
     assert {path for path, _ in called if path.startswith("minicnn/fast/")}
+
+
+@pytest.mark.parametrize("doc", [BACKPROP, FAST_KERNELS], ids=lambda p: p.name)
+def test_every_example_is_in_a_code_fence(doc):
+    """doctest runs a >>> line anywhere; a reader sees it as code only inside ``` fences."""
+    inside, outside = False, []
+    for number, line in enumerate(doc.read_text().splitlines(), start=1):
+        if line.startswith("```"):
+            inside = not inside
+        elif line.lstrip().startswith(">>>") and not inside:
+            outside.append(number)
+    assert not inside and outside == [], f"{doc.name}: >>> outside a fence on lines {outside}"
