@@ -21,6 +21,7 @@ None: the first layer of a network needs no gradient for the image.
 from __future__ import annotations
 
 from minicnn import backend
+from minicnn.validation import check_backward, check_input
 
 
 class Module:
@@ -153,6 +154,7 @@ class Sequential(Module):
         return plan(self.layers)
 
     def forward(self, x):
+        check_input(self, x)
         self._steps = self.steps()
         for step in self._steps:
             x = step.forward(x)
@@ -160,8 +162,9 @@ class Sequential(Module):
 
     def backward(self, dy):
         """Chain rule backwards: dL/dx_i = backward_i(dL/dx_{i+1})."""
+        check_backward(self, self._steps is not None, dy)
         self.layers[0].needs_input_grad = self.needs_input_grad
-        for step in reversed(self._steps or self.steps()):
+        for step in reversed(self._steps):
             dy = step.backward(dy)
         return dy
 

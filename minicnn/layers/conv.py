@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import math
 
-from minicnn import backend, parallel
+from minicnn import backend, parallel, validation
 from minicnn.im2col import (
     col2im,
     col2im_flat_rows,
@@ -93,6 +93,8 @@ class Conv2d(Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride: int = 1,
                  padding: int = 0, bias: bool = True):
+        validation.check_sizes(self, in_channels=in_channels, out_channels=out_channels,
+                               kernel_size=kernel_size, stride=stride, padding=padding)
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = _pair(kernel_size)
@@ -212,6 +214,7 @@ class Conv2d(Module):
 
     def check_input(self, x) -> None:
         """Raise ValueError unless x is (N, in_channels, H, W) with room for the kernel."""
+        validation.check_input(self, x, ndim=4, expected=f"(N, {self.in_channels}, H, W)")
         _, c, h, w = x.shape
         if c != self.in_channels:
             raise ValueError(f"Conv2d expected {self.in_channels} input channels, got {c} "
