@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import os
 import signal
 import traceback
 import weakref
@@ -49,8 +48,15 @@ import numpy as np
 
 from minicnn import backend, parallel
 from minicnn.errors import MinicnnError
+from minicnn.validation import env_int
 
 PROCESSES_VARIABLE = "MINICNN_PROCESSES"
+MAX_PROCESSES = 256
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}    # the calling process's to handle
+
+
+class ReplicaError(MinicnnError, RuntimeError):
+    """A replica's process died (killed, out of memory) or its step failed."""
 
 
 def default_processes(model) -> int:
@@ -59,13 +65,8 @@ def default_processes(model) -> int:
     replicas do not apply (see :func:`refusal`)."""
     if refusal(model) is not None:
         return 1
-    value = os.environ.get(PROCESSES_VARIABLE)
-    if not value:
-        return parallel.workers()
-    if not value.isdigit() or int(value) < 1:
-        raise MinicnnError(f"{PROCESSES_VARIABLE} must be a whole number of at least 1, "
-                           f"got {value!r}")
-    return int(value)
+    value = env_int(PROCESSES_VARIABLE, 1, MAX_PROCESSES)
+    return parallel.workers() if value is None else value
 
 
 def refusal(model) -> str | None:
@@ -138,13 +139,22 @@ def forward_backward(model, criterion, x, labels, share: float = 1.0):
 
 
 def _reply(worker) -> tuple:
-    """The worker's next message: ("ready",), ("done", loss, logits) or ("error", text)."""
+    """The worker's next message: ("ready",), ("done", loss, logits), ("error", its
+    traceback), or ("dead", why) if its process has gone."""
     try:
         return worker["connection"].recv()
     except (EOFError, OSError):
         worker["process"].join(timeout=10)
-        code = worker["process"].exitcode
-        return "error", f"the replica's process exited (exit code {code})"
+        return "dead", _exit_reason(worker["process"])
+
+
+def _exit_reason(process) -> str:
+    code = process.exitcode
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else -code
+        hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+        return f"a replica's process was killed by {name}{hint}"
+    return f"a replica's process exited (exit code {code})"
 
 
 def _slots(model):
@@ -152,18 +162,35 @@ def _slots(model):
     return [(module, key) for _, module, key in model.named_parameters()]
 
 
-def _worker(connection, model, criterion, params_spec, grads_spec) -> None:
+def _worker(connection, params_spec, grads_spec) -> None:
     """A worker process: forward and backward of its part of each batch (see the module
-    docstring), until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the calling process's
-    parallel.set_workers(1)
-    parallel.hold_blas_to_one_thread()
-    params, grads = _SharedArrays.attach(params_spec), _SharedArrays.attach(grads_spec)
-    slots = _slots(model)
-    for (module, key), view in zip(slots, params.arrays):
-        module.params[key] = view
-    model.train()
-    model.needs_input_grad = False
+    docstring), until told to stop. It starts with SIGINT and SIGTERM blocked (see
+    Replicas) and ignores them: Ctrl-C to the process group is the calling process's to
+    handle, which then stops the workers. Floating-point warnings are the calling
+    process's too (it checks the loss)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    np.seterr(all="ignore")
+    try:
+        message = connection.recv()                   # ("model", model, criterion)
+    except EOFError:
+        return
+    if message[0] != "model":
+        return
+    try:
+        _, model, criterion = message
+        parallel.set_workers(1)
+        parallel.hold_blas_to_one_thread()
+        params, grads = _SharedArrays.attach(params_spec), _SharedArrays.attach(grads_spec)
+        slots = _slots(model)
+        for (module, key), view in zip(slots, params.arrays):
+            module.params[key] = view
+        model.train()
+        model.needs_input_grad = False
+    except Exception:  # noqa: BLE001 (sent to the calling process, raised there)
+        connection.send(("error", traceback.format_exc()))
+        return
     connection.send(("ready",))
     inputs = {}                                       # block name -> attached block
     while True:
@@ -213,24 +240,48 @@ class Replicas:
             module.params[key] = view                # the optimizer now updates shared memory
         parallel.hold_blas_to_one_thread()           # this process runs a part too
         self._workers = []
-        context = multiprocessing.get_context("spawn")   # no fork of a process with threads
-        for _ in range(self.processes - 1):
-            grads = _SharedArrays(layouts)
-            ours, theirs = context.Pipe()
-            process = context.Process(target=_worker, daemon=True, name="minicnn-replica",
-                                      args=(theirs, model, criterion, self._params.spec,
-                                            grads.spec))
-            process.start()
-            theirs.close()
-            self._workers.append({"process": process, "connection": ours, "grads": grads,
-                                  "inputs": None})
         # close() when this object is dropped or at exit, if nobody called it
         self._finalizer = weakref.finalize(self, _shut_down, model, self._params, self._workers)
+        try:
+            self._start_workers(layouts)
+        except BaseException:                         # Ctrl-C included: nothing is left behind
+            self.close()
+            raise
+
+    def _start_workers(self, layouts) -> None:
+        """Start processes-1 workers and wait until each has its copy of the model.
+
+        Each starts with SIGINT and SIGTERM blocked (a child inherits the signal mask),
+        so that Ctrl-C to the process group cannot kill it halfway through Python's
+        start-up. The model goes through the pipe after the start, not as an argument
+        of the process: the start writes its arguments to a pipe the parent still
+        reads from, and waits forever there if the child dies before reading them
+        all (the few kilobytes of the start fit in the pipe's buffer; a model may not)."""
+        context = multiprocessing.get_context("spawn")   # no fork of a process with threads
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for _ in range(self.processes - 1):
+                grads = _SharedArrays(layouts)
+                ours, theirs = context.Pipe()
+                process = context.Process(target=_worker, daemon=True, name="minicnn-replica",
+                                          args=(theirs, self._params.spec, grads.spec))
+                self._workers.append({"process": process, "connection": ours, "grads": grads,
+                                      "inputs": None})
+                try:
+                    process.start()
+                finally:
+                    theirs.close()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for worker in self._workers:
+            try:
+                worker["connection"].send(("model", self.model, self.criterion))
+            except OSError:
+                pass                                  # _reply says why the process is gone
         for worker in self._workers:                  # each has its copy of the model now
             answer = _reply(worker)
             if answer[0] != "ready":
-                self.close()
-                raise RuntimeError(f"a replica's process did not start: {answer[1]}")
+                raise ReplicaError(_why(answer, "a replica's process did not start"))
 
     @property
     def worker_pids(self) -> list[int]:
@@ -276,9 +327,9 @@ class Replicas:
             block.arrays[1][...] = labels[start:stop]
             try:
                 worker["connection"].send(("step", block.spec, n))
-            except OSError as error:
-                raise RuntimeError(f"a replica's process has exited "
-                                   f"(exit code {worker['process'].exitcode})") from error
+            except OSError:
+                busy.append((worker, None))           # _reply says why it is gone
+                continue
             busy.append((worker, block))
         try:
             with parallel.in_calling_thread():
@@ -287,9 +338,9 @@ class Replicas:
                                                      labels[head], bounds[1] / n)
         finally:
             replies = [_reply(worker) for worker, _ in busy]
-        failed = [reply[1] for reply in replies if reply[0] == "error"]
+        failed = [reply for reply in replies if reply[0] in ("error", "dead")]
         if failed:
-            raise RuntimeError(f"a replica's step failed:\n{failed[0]}")
+            raise ReplicaError(_why(failed[0], "a replica's step failed"))
         logits = [logits_head]
         for (worker, _), (_, part_loss, part_logits) in zip(busy, replies):
             loss = loss + part_loss                       # scaled by its share already
@@ -310,6 +361,16 @@ class Replicas:
         self.close()
 
 
+def _why(reply, failed: str) -> str:
+    """One line for a failed reply: why the process is gone, or ``failed`` and the last
+    line of the worker's traceback (the exception)."""
+    kind, text = reply[0], str(reply[1])
+    if kind == "dead":
+        return text
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{failed}: {lines[-1] if lines else 'unknown error'}"
+
+
 def _shut_down(model, params: _SharedArrays, workers: list) -> None:
     """Replicas.close(): stop the workers, give the model ordinary arrays again, free the
     shared memory. Runs once (weakref.finalize)."""
@@ -319,7 +380,12 @@ def _shut_down(model, params: _SharedArrays, workers: list) -> None:
         except OSError:                                # the worker is gone already
             pass
     for worker in workers:
-        worker["process"].join(timeout=10)
+        process = worker["process"]
+        if process.pid is not None:                   # started
+            process.join(timeout=10)
+            if process.is_alive():                    # stuck: it ignores SIGINT and SIGTERM
+                process.kill()
+                process.join()
         worker["connection"].close()
         worker["grads"].close()
         if worker["inputs"] is not None:
