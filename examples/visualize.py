@@ -6,24 +6,25 @@
 Writes PNG files into --out (default runs/visualize) and prints each path:
 filters.png (first conv layer), features_layerK.png (each conv layer's
 output for the image), saliency.png (the image and |d score / d pixel| for
-the predicted class), curves.png (loss and accuracy per epoch, from
-WEIGHTS' .history.json or --history; needs matplotlib).
+the predicted class), curves.png (loss and accuracy per epoch, from the
+history in WEIGHTS, or NAME.history.json beside it, or --history; needs
+matplotlib).
 Without IMAGE, examples/images/cat.png is used.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from minicnn import backend, data
 from minicnn.checkpoint import load_model
 from minicnn.errors import MinicnnError
+from minicnn.files import display, printable
 from minicnn.images import load_image
-from minicnn.train import history_path
-from minicnn.visualize import (curves, feature_map_grids, filter_grid, saliency,
+from minicnn.validation import check_history
+from minicnn.visualize import (curves, feature_map_grids, filter_grid, read_history, saliency,
                                saliency_image)
 
 DEFAULT_IMAGE = Path(__file__).resolve().parent / "images" / "cat.png"
@@ -34,6 +35,7 @@ def visualize(weights: Path, image: Path, out: Path, history: Path | None) -> li
     model, metadata = load_model(weights)
     image_uint8 = load_image(image)                                   # (3, 32, 32)
     x = data.normalize(image_uint8[None], **metadata["normalization"])
+    entries = history_of(weights, metadata, history)          # checked before writing anything
     out.mkdir(parents=True, exist_ok=True)
     written = []
 
@@ -47,14 +49,24 @@ def visualize(weights: Path, image: Path, out: Path, history: Path | None) -> li
         save(grid, f"features_layer{index}.png")
     predicted = int(model.eval().forward(x).argmax())
     save(saliency_image(image_uint8, saliency(model, x, predicted)), "saliency.png")
-    history = history or history_path(weights)
-    if history.exists():
-        entries = json.loads(history.read_text())["history"]
-        figure = curves(entries, title=f"{weights.name}")
+    if entries:
+        figure = curves(entries, title=display(weights.name))
         figure.savefig(out / "curves.png", dpi=100)
         written.append(out / "curves.png")
-    print(f"{image}: predicted {metadata['class_names'][predicted]}")
+    print(f"{display(image)}: predicted {metadata['class_names'][predicted]}")
     return written
+
+
+def history_of(weights: Path, metadata: dict, history: Path | None) -> list | None:
+    """The history to plot: --history, else the one in the weights file, else the
+    NAME.history.json that older runs wrote beside it; None if there is none."""
+    if history is not None:
+        return read_history(history)
+    if "history" in metadata["training"]:
+        return check_history(metadata["training"]["history"], display(weights),
+                             "training.history")
+    beside = weights.with_name(weights.stem + ".history.json")
+    return read_history(beside) if beside.exists() else None
 
 
 def main(argv=None) -> int:
@@ -68,10 +80,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         for path in visualize(args.weights, args.image, args.out, args.history):
-            print(f"wrote {path}")
-    except (MinicnnError, OSError, KeyError, ValueError) as exc:
-        print(f"visualize: error: {exc}", file=sys.stderr)
+            print(f"wrote {display(path)}")
+    except (MinicnnError, OSError) as exc:
+        print(f"visualize: error: {printable(str(exc))}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("visualize: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -7,8 +7,9 @@
   logit with respect to the input pixels, by minicnn's own backward pass
   (the upstream gradient is one-hot on class c), maximum over the 3 colour
   channels. Bright pixels are those whose change would move the score most.
-- :func:`curves`: loss and accuracy per epoch from a training history JSON
-  (needs matplotlib, an optional extra).
+- :func:`curves`: loss and accuracy per epoch from a training history
+  (needs matplotlib, an optional extra); :func:`read_history` reads one from
+  a JSON file, checked.
 
 Everything here works on host (NumPy) arrays; tiles are scaled up with
 nearest-neighbour so each pixel stays a visible square.
@@ -16,12 +17,18 @@ nearest-neighbour so each pixel stays a visible square.
 
 from __future__ import annotations
 
+import json
+
 import numpy
 from PIL import Image
 
 from minicnn import backend
 from minicnn.errors import MinicnnError
+from minicnn.files import display, open_regular
 from minicnn.layers import BatchNorm2d, Conv2d, Sequential
+from minicnn.validation import check_history
+
+MAX_HISTORY_BYTES = 16 * 2**20
 
 
 def _to_uint8(tile) -> numpy.ndarray:
@@ -96,6 +103,24 @@ def saliency_image(image_uint8: numpy.ndarray, gradient, scale: int = 8) -> Imag
     heat = _to_uint8(numpy.abs(backend.to_host(gradient)[0]).max(axis=0))
     picture = image_uint8.transpose(1, 2, 0)
     return tile_grid([picture, numpy.stack([heat] * 3, axis=-1)], columns=2, scale=scale)
+
+
+def read_history(path) -> list[dict]:
+    """The per-epoch history in a JSON file: a list of epochs, or an object whose
+    "history" is one (as training wrote them beside the weights before the history
+    moved into the weights file); checked with check_history."""
+    name = display(path)
+    with open_regular(path, MinicnnError, "history file") as f:
+        text = f.read(MAX_HISTORY_BYTES + 1)
+    if len(text) > MAX_HISTORY_BYTES:
+        raise MinicnnError(f"{name}: larger than {MAX_HISTORY_BYTES:,} bytes; not a history")
+    try:
+        content = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise MinicnnError(f"{name}: not a JSON history ({exc})") from None
+    if isinstance(content, dict):
+        return check_history(content.get("history"), name)
+    return check_history(content, name, field="(the list)")
 
 
 def curves(history: list[dict], title: str = ""):
