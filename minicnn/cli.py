@@ -82,12 +82,12 @@ def crop_padding(text: str) -> int:
     return value
 
 
-def shipped_weights(folder: Path = WEIGHTS_DIR) -> dict:
-    """{path: metadata} of the minicnn weights files in ``folder``; resume points and
-    anything unreadable or with metadata that does not pass check_metadata are skipped,
-    so one odd file there cannot break the default."""
+def shipped_weights(folder: Path | None = None) -> dict:
+    """{path: metadata} of the minicnn weights files in ``folder`` (default WEIGHTS_DIR);
+    resume points and anything unreadable or with metadata that does not pass
+    check_metadata are skipped, so one odd file there cannot break the default."""
     found = {}
-    for path in sorted(folder.glob("*.npz")):
+    for path in sorted((folder or WEIGHTS_DIR).glob("*.npz")):
         try:
             found[path] = check_metadata(read_metadata(path), display(path))
         except MinicnnError:

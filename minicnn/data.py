@@ -31,6 +31,7 @@ import numpy
 from minicnn import backend
 from minicnn.errors import MinicnnError
 from minicnn.files import display, open_regular
+from minicnn.validation import describe
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -72,7 +73,7 @@ class Dataset:
 def _batches_folder(path: Path) -> Path | None:
     """The folder holding the batch files, if ``path`` is it or contains it."""
     for candidate in (path, path / FOLDER):
-        if (candidate / TEST_FILE).is_file():
+        if os.path.lexists(candidate / TEST_FILE):      # not a regular file: refused on reading
             return candidate
     return None
 
@@ -236,8 +237,8 @@ def check_batch(content: dict, source: str) -> tuple[numpy.ndarray, numpy.ndarra
     elif isinstance(labels, list):
         bad = next((v for v in labels if type(v) is not int), None)
         if bad is not None:
-            raise DataError(f"{source}: a label is {type(bad).__name__} {bad!r:.40}, expected "
-                            f"class indices 0..{len(CLASS_NAMES) - 1}")
+            raise DataError(f"{source}: a label is {describe(bad)}, expected class indices "
+                            f"0..{len(CLASS_NAMES) - 1}")
         values = labels
     else:
         raise DataError(f"{source}: b'labels' is {type(labels).__name__}, expected a list")

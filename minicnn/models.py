@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 
 from minicnn.errors import MinicnnError
-from minicnn.validation import is_finite_number, is_whole
+from minicnn.validation import describe, is_finite_number, is_whole
 from minicnn.layers import (BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Scale,
                             Sequential)
 
@@ -52,7 +52,7 @@ def check_config(name: str, config: dict) -> None:
         if not ok or (low is not None and not low <= value <= high):
             within = f" between {low} and {high}" if low is not None else ""
             raise MinicnnError(f"bad config for model {name!r}: {key} must be {kind}{within}, "
-                               f"got {value!r}")
+                               f"got {describe(value)}")
 
 
 def build_model(name: str, **config):

@@ -307,20 +307,26 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
     images, labels = backend.to_device(train.images), backend.to_device(train.labels)
     model.train()
 
+    def moment(epoch: int, step: int) -> str:
+        """Words for "after ``epoch`` complete epochs and ``step`` more steps"."""
+        return f"the end of epoch {epoch}" if step == 0 else f"epoch {epoch + 1}, step {step}"
+
     def diverged(what: str) -> TrainingDiverged:
-        kept = (f"the last checkpoint ({display(resume_file)}: {point.epoch} epochs and "
-                f"{point.step} steps done) is unchanged" if saved["any"] else "nothing was saved")
+        kept = (f"the last checkpoint ({display(resume_file)}, from "
+                f"{moment(point.epoch, point.step)}) is unchanged" if saved["any"]
+                else "nothing was saved")
         return TrainingDiverged(f"training diverged: {what}; {kept}; try a lower --lr "
                                 f"(this run: {config.lr:g})")
 
     def save(epoch: int, step: int, published: dict | None = None) -> None:
-        """The resume point at (epoch, step), then at an epoch's end the weights file."""
+        """The resume point after ``epoch`` complete epochs and ``step`` more steps, then
+        at an epoch's end (``published``: its metadata) the weights file."""
+        when = moment(epoch, step)
         for name, holder, key in [*model.named_arrays(),
                                   *((name, optimizer.velocity, name) for name in
                                     optimizer.velocity)]:
             if not bool(backend.array_module(holder[key]).isfinite(holder[key]).all()):
-                raise diverged(f"{name} became NaN or infinite by epoch {epoch + 1}, "
-                               f"step {step}")
+                raise diverged(f"{name} became NaN or infinite by {when}")
         point.epoch, point.step, point.elapsed = epoch, step, elapsed
         point.model, point.velocity = model.state_dict(), optimizer.state_dict()
         if published is not None:
@@ -331,9 +337,9 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
             if published is not None:
                 save_model(model, out, **published)
         except OSError as exc:
-            raise CheckpointError(f"cannot save the checkpoint of epoch {epoch + 1}, step "
-                                  f"{step} ({exc.strerror or exc}); what is on disk is the "
-                                  "last checkpoint that was saved") from None
+            raise CheckpointError(f"cannot save the checkpoint at {when} ("
+                                  f"{exc.strerror or exc}); what is on disk is the last "
+                                  "checkpoint that was saved") from None
 
     elapsed = point.elapsed
     metadata = {}
@@ -385,6 +391,8 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
                 "images_per_second": round(seen / train_seconds, 1),
             })
             h = history[-1]
+            if not math.isfinite(h["train_loss"]):     # on the GPU a NaN between two reads
+                raise diverged(f"the loss became {h['train_loss']} in epoch {epoch + 1}")
             metrics = {"test_per_class": result["per_class"], "tta": False}
             if config.tta and epoch + 1 == config.epochs:
                 flipped = evaluate(model, test, normalization, tta=True)

@@ -27,11 +27,20 @@ MISSING = object()        # "no default": the field is required
 
 
 def describe(value) -> str:
-    """A short description of a value for an error message."""
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} {text}" if not isinstance(value, (int, float, str)) else text
+    """A short description of any value for an error message, at a cost that does not
+    depend on its size: containers are not walked (a crafted file can hold a list of
+    10**11 shared references), long text and huge numbers are cut."""
+    kind = type(value).__name__
+    if value is None:
+        return "null"
+    if isinstance(value, (bool, float)) or (is_whole(value) and abs(value) < 10**30):
+        return f"{kind} {value!r}"
+    if isinstance(value, (str, bytes)):
+        text = repr(value[:40]) + ("..." if len(value) > 40 else "")
+        return f"{kind} {printable(text)}"
+    if hasattr(value, "__len__"):
+        return f"{kind} of {len(value)} items"
+    return kind
 
 
 def is_whole(value) -> bool:

@@ -78,3 +78,15 @@ def make_tarball(folder: Path, tarball: Path) -> Path:
 @pytest.fixture
 def tiny_cifar(tmp_path) -> Path:
     return make_cifar_folder(tmp_path / "data")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A tiny CIFAR-10 folder (100 training and 20 test images) shared by a module's tests."""
+    return make_cifar_folder(tmp_path_factory.mktemp("data"), per_batch=20)
+
+
+@pytest.fixture
+def one_process(monkeypatch):
+    """fit() trains in this process (no replica workers)."""
+    monkeypatch.setenv("MINICNN_PROCESSES", "1")
