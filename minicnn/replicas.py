@@ -37,6 +37,7 @@ Usage, in place of forward, loss and backward::
 
 from __future__ import annotations
 
+import atexit
 import math
 import multiprocessing
 import signal
@@ -57,6 +58,18 @@ STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}    # the calling process's to han
 
 class ReplicaError(MinicnnError, RuntimeError):
     """A replica's process died (killed, out of memory) or its step failed."""
+
+
+_OPEN = set()      # the finalizers of the Replicas not closed yet
+
+
+@atexit.register
+def _close_all() -> None:
+    """At exit, stop the workers of every Replicas nobody closed. Registered after
+    multiprocessing's own exit handler (imported above), so it runs first: that one
+    sends SIGTERM, which workers ignore, and then waits for them forever."""
+    for finalizer in list(_OPEN):
+        finalizer()
 
 
 def default_processes(model) -> int:
@@ -242,6 +255,7 @@ class Replicas:
         self._workers = []
         # close() when this object is dropped or at exit, if nobody called it
         self._finalizer = weakref.finalize(self, _shut_down, model, self._params, self._workers)
+        _OPEN.add(self._finalizer)
         try:
             self._start_workers(layouts)
         except BaseException:                         # Ctrl-C included: nothing is left behind
@@ -353,6 +367,7 @@ class Replicas:
         """Stop the workers and free the shared memory (the model keeps its parameters,
         copied back into ordinary arrays)."""
         self._finalizer()
+        _OPEN.discard(self._finalizer)
 
     def __enter__(self) -> Replicas:
         return self

@@ -175,3 +175,26 @@ def test_evaluate_json_is_valid_json(data, tmp_path, capsys, one_process):
                               capsys)
     assert code == 0, err
     assert strict_json(text)["n"] == 20
+
+
+# Replicas that nobody closes, with weakref.finalize's exit hook registered before
+# multiprocessing's (which then runs first, sends SIGTERM and waits)
+UNCLOSED_REPLICAS = """
+import weakref
+class Early:
+    pass
+early = Early()
+weakref.finalize(early, lambda: None)
+from minicnn import models
+from minicnn.losses import SoftmaxCrossEntropy
+from minicnn.replicas import Replicas
+group = Replicas(models.build_model("lenet"), SoftmaxCrossEntropy(), processes=2)
+"""
+
+
+def test_replicas_nobody_closed_do_not_hang_the_exit():
+    """Workers ignore SIGTERM (it is the calling process's to handle), so multiprocessing's
+    own exit handler would wait for them forever; minicnn stops them first."""
+    result = subprocess.run([sys.executable, "-c", UNCLOSED_REPLICAS], capture_output=True,
+                            text=True, env=CHILD_ENV, timeout=60)
+    assert result.returncode == 0 and result.stderr == ""
