@@ -141,6 +141,8 @@ def read_resume_point(path: Path, model, out: Path, steps_per_epoch: int) -> Res
         if training.string("run_id") != point.run_id:
             training.fail("run_id", f"this run's id {point.run_id!r}", training.values["run_id"])
         training.integer("epochs_completed", 1, epoch)
+        check_history(training.sequence("history"), name, "published.training.history",
+                      CheckpointError)
         point.published = published.values
     with NpzReader(path, what="resume point") as npz:
         shapes = {MODEL_PREFIX + n: tuple(h[k].shape) for n, h, k in model.named_arrays()}

@@ -300,7 +300,7 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
         point = ResumePoint(run_id=new_run_id(), weights_file=out.name, epoch=0, step=0,
                             elapsed=0.0, config=asdict(config), train_images=n, history=[],
                             replaces=sha256(out) if out.is_file() else None)
-    saved = {"any": resume}
+    saved_any = resume                         # is there a resume point of this run on disk?
     history = point.history
     start_epoch, start_step = point.epoch, point.step
 
@@ -313,7 +313,7 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
 
     def diverged(what: str) -> TrainingDiverged:
         kept = (f"the last checkpoint ({display(resume_file)}, from "
-                f"{moment(point.epoch, point.step)}) is unchanged" if saved["any"]
+                f"{moment(point.epoch, point.step)}) is unchanged" if saved_any
                 else "nothing was saved")
         return TrainingDiverged(f"training diverged: {what}; {kept}; try a lower --lr "
                                 f"(this run: {config.lr:g})")
@@ -321,6 +321,7 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
     def save(epoch: int, step: int, published: dict | None = None) -> None:
         """The resume point after ``epoch`` complete epochs and ``step`` more steps, then
         at an epoch's end (``published``: its metadata) the weights file."""
+        nonlocal saved_any
         when = moment(epoch, step)
         for name, holder, key in [*model.named_arrays(),
                                   *((name, optimizer.velocity, name) for name in
@@ -333,7 +334,7 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
             point.published = published
         try:
             write_resume_point(resume_file, point)
-            saved["any"] = True
+            saved_any = True
             if published is not None:
                 save_model(model, out, **published)
         except OSError as exc:
@@ -453,7 +454,7 @@ def _restore(model, optimizer: SGD, config: TrainConfig, out: Path, n: int,
     if point.train_images != n:
         raise CheckpointError(f"{name}: the run trained on {point.train_images:,} images, this "
                               f"data set has {n:,}")
-    expected = ({name for name, _, _ in model.named_parameters()}
+    expected = ({param for param, _, _ in model.named_parameters()}
                 if config.momentum and (point.epoch or point.step) else set())
     if set(point.velocity) != expected:
         raise CheckpointError(f"{name}: the optimizer's velocity is incomplete (missing "
