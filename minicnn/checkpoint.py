@@ -151,8 +151,9 @@ class NpzReader:
                     what = {"f": "floating-point numbers", "U": "text"}[kind]
                     raise ValueError(f"{name} holds {dtype}, expected {what}")
                 if found_shape != shape:
-                    raise _WrongShape(f"{self.name}: {name} has shape {found_shape}, the model "
-                                      f"needs {shape}")
+                    needs = "the model needs" if kind == "f" else "expected"
+                    raise _WrongShape(f"{self.name}: {name} has shape {found_shape}, {needs} "
+                                      f"{shape}")
                 nbytes = math.prod(found_shape) * dtype.itemsize
                 if nbytes > limit:
                     raise ValueError(f"{name} needs {nbytes:,} bytes")

@@ -229,6 +229,8 @@ def check_batch(content: dict, source: str) -> tuple[numpy.ndarray, numpy.ndarra
                  else type(data).__name__)
         raise DataError(f"{source}: b'data' has {found}, expected a uint8 array (N, 3072)")
     n = data.shape[0]
+    if n == 0:
+        raise DataError(f"{source}: holds no images")
     if isinstance(labels, numpy.ndarray):
         if labels.dtype.kind not in "iu" or labels.shape != (len(labels),):
             raise DataError(f"{source}: b'labels' is a {labels.dtype} array of shape "

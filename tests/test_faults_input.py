@@ -260,8 +260,8 @@ def test_a_fifo_in_the_data_folder_is_refused(tmp_path, batch):
 
 def write_raw_batch(path, labels, data=None) -> None:
     data = np.zeros((10, 3072), np.uint8) if data is None else data
-    with open(path, "wb") as f:
-        pickle.dump({b"data": data, b"labels": labels}, f, protocol=2)
+    with open(path, "wb") as f:                 # protocol 4 writes b"" without a call
+        pickle.dump({b"data": data, b"labels": labels}, f, protocol=4)
 
 
 def shared_references(depth: int = 11):
@@ -289,6 +289,7 @@ def test_a_test_batch_of_shared_references_is_refused_at_once(tmp_path):
     ([-1] * 10, None, "labels outside 0..9"),
     (list(range(10)), [[0] * 3072] * 10, "b'data' has list"),
     (list(range(10)), np.zeros((10, 3072), np.float32), "dtype float32"),
+    ([], np.zeros((0, 3072), np.uint8), "holds no images"),
     ({"x": 1}, None, "b'labels' is dict")])
 def test_odd_data_batches_are_one_line(tmp_path, capsys, labels, data, expected):
     folder = make_cifar_folder(tmp_path, per_batch=4)
