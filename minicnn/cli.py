@@ -3,30 +3,40 @@ and ``convert | export`` (minicnn/cli_interop.py).
 
 Also reached as ``python -m minicnn ...`` and through the thin scripts in
 examples/. Errors caused by the input print one line on stderr and exit
-non-zero, without a traceback.
+non-zero, without a traceback; Ctrl-C and SIGTERM exit with 130 (training
+saves its resume point first); file names are printed safely whatever their
+bytes, and JSON output never holds NaN.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
+import re
+import signal
 import sys
+import threading
+import warnings
 from dataclasses import asdict, fields
 from pathlib import Path
 
 from minicnn import __version__, backend, data, kernels
 from minicnn.architecture import ArchitectureError, output_shape
-from minicnn.checkpoint import FORMAT, CheckpointError, load_model, read_metadata
+from minicnn.checkpoint import check_metadata, load_model, read_metadata
 from minicnn.errors import MinicnnError
+from minicnn.files import display, printable
 from minicnn.images import load_image, load_images
 from minicnn.losses import softmax
 from minicnn.models import MODELS, build_model, check_config
 from minicnn.optim import SCHEDULES
-from minicnn.study.inputs import check_metadata, read_history
+from minicnn.resume import read_resume_config, resume_path, run_files
+from minicnn.study import inputs as study_inputs_checks
 from minicnn.trace import trace_step
-from minicnn.train import (TrainConfig, TrainingInterrupted, evaluate, fit, history_path,
-                           predict_logits, state_path)
+from minicnn.train import (MAX_CROP_PADDING, TrainConfig, TrainingInterrupted, evaluate, fit,
+                           predict_logits)
 
 KERNELS_HELP = ("compute with the reference layers (the textbook code of minicnn/layers/) or "
                 "the fast kernels (minicnn/fast/); default: $MINICNN_KERNELS, else fast")
@@ -55,8 +65,8 @@ def positive_int(text: str) -> int:
 
 def non_negative_float(text: str) -> float:
     value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
 
@@ -74,17 +84,24 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def shipped_weights(folder: Path = WEIGHTS_DIR) -> dict:
-    """{path: metadata} of the minicnn weights files in ``folder`` (training-state
-    files and anything unreadable are skipped)."""
+def crop_padding(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_CROP_PADDING:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_CROP_PADDING} (half the "
+                                         f"image), got {text}")
+    return value
+
+
+def shipped_weights(folder: Path | None = None) -> dict:
+    """{path: metadata} of the minicnn weights files in ``folder`` (default WEIGHTS_DIR);
+    resume points and anything unreadable or with metadata that does not pass
+    check_metadata are skipped, so one odd file there cannot break the default."""
     found = {}
-    for path in sorted(folder.glob("*.npz")):
+    for path in sorted((folder or WEIGHTS_DIR).glob("*.npz")):
         try:
-            metadata = read_metadata(path)
-        except CheckpointError:
+            found[path] = check_metadata(read_metadata(path), display(path))
+        except MinicnnError:
             continue
-        if metadata.get("format") == FORMAT:
-            found[path] = metadata
     return found
 
 
@@ -92,8 +109,9 @@ def default_weights() -> Path:
     """The shipped weights file with the highest recorded test accuracy."""
     candidates = shipped_weights()
     if not candidates:
-        raise MinicnnError(f"no weights file found in {WEIGHTS_DIR}; pass --weights PATH")
-    return max(candidates, key=lambda path: candidates[path].get("test_accuracy") or 0.0)
+        raise MinicnnError(f"no weights file found in {display(WEIGHTS_DIR)}; pass "
+                           "--weights PATH")
+    return max(candidates, key=lambda path: candidates[path]["test_accuracy"] or 0.0)
 
 
 # --- train -------------------------------------------------------------------------
@@ -125,17 +143,18 @@ def add_train_parser(subparsers) -> None:
                    help="width option of the model (airnet: channels of its first block)")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="no random horizontal flips")
-    p.add_argument("--crop-padding", type=non_negative_int,
+    p.add_argument("--crop-padding", type=crop_padding,
                    help=f"random crops after padding by this many pixels (default "
                         f"{d.crop_padding}: off)")
     p.add_argument("--seed", type=non_negative_int, help=f"default {d.seed}")
     p.add_argument("--limit", type=positive_int, help="train on the first N images only")
     p.add_argument("--data-dir", help="CIFAR-10 folder or tarball (default: $MINICNN_DATA, "
                                       f"else {data.DEFAULT_CACHE}, downloading if needed)")
-    p.add_argument("--out", help="weights file to write (default runs/MODEL_cifar10.npz); the "
-                                 "training state and history are written beside it")
+    p.add_argument("--out", help="weights file to write (default runs/MODEL_cifar10.npz); its "
+                                 "resume point NAME.resume.npz is written beside it")
     p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing --out and its resume point")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars")
     p.set_defaults(handler=run_train)
@@ -146,9 +165,9 @@ def _train_config(args) -> TrainConfig:
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
              if getattr(args, f.name, None) is not None}
     if not args.resume:
-        return TrainConfig(**given)
-    saved = read_metadata(state_path(Path(args.out)))
-    config = TrainConfig.from_dict(saved.get("config", {}))
+        return TrainConfig(**given).checked()
+    path = resume_path(Path(args.out))
+    config = TrainConfig.from_dict(read_resume_config(path), f"{display(path)} (field config)")
     differ = {k: v for k, v in given.items() if getattr(config, k) != v}
     if differ:
         listed = ", ".join(f"--{k.replace('_', '-')} {v} (saved {getattr(config, k)})"
@@ -162,17 +181,14 @@ def run_train(args) -> int:
     out = Path(args.out or f"runs/{args.model or TrainConfig.model}_cifar10.npz")
     args.out = str(out)
     if out.is_dir():
-        raise MinicnnError(f"--out {out} is a folder; give a file name such as {out / 'model.npz'}")
-    if args.resume and not state_path(out).is_file():
-        raise MinicnnError(f"nothing to resume: {state_path(out)} does not exist")
-    if out.exists() and not (args.resume or args.force):
-        raise MinicnnError(f"{out} exists; use --resume to continue that run, --force to "
-                           "overwrite it, or --out for a new file")
+        raise MinicnnError(f"--out {display(out)} is a folder; give a file name such as "
+                           f"{display(out / 'model.npz')}")
+    _check_run_files(out, args.resume, args.force)
     config = _train_config(args)
     check_config(config.model, config.model_config())      # before anything is created
     out.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(out.parent, os.W_OK):
-        raise MinicnnError(f"cannot write to {out.parent}; choose another --out")
+        raise MinicnnError(f"cannot write to {display(out.parent)}; choose another --out")
     backend.use(args.backend, seed=config.seed)
     train, test = data.load_cifar10(args.data_dir)
     model = build_model(config.model, **config.model_config())
@@ -183,13 +199,37 @@ def run_train(args) -> int:
         metadata = fit(model, train, test, config, out, resume=args.resume,
                        progress=args.progress)
     except TrainingInterrupted as exc:
-        print(f"minicnn train: {exc}", file=sys.stderr)
+        print(f"minicnn train: {printable(str(exc))}", file=sys.stderr)
         return EXIT_INTERRUPTED
     if not metadata:
-        print(f"{out} already holds all {config.epochs} epochs of this run; nothing to do")
+        print(f"{display(out)} already holds all {config.epochs} epochs of this run; "
+              "nothing to do")
         return 0
-    print(f"test accuracy {metadata['test_accuracy']:.2%}; saved {out}")
+    print(f"test accuracy {metadata['test_accuracy']:.2%}; saved {display(out)}")
     return 0
+
+
+def _check_run_files(out: Path, resume: bool, force: bool) -> None:
+    """The overwrite check, over every file the run writes (minicnn.resume.run_files):
+    a new run refuses to replace any of them without --force; --resume needs the
+    resume point. Whatever exists must be a regular file."""
+    for path in run_files(out):
+        if os.path.lexists(path) and not path.is_file():
+            raise MinicnnError(f"{display(path)} exists and is not a regular file; choose "
+                               "another --out")
+    point = resume_path(out)
+    if resume:
+        if not point.is_file():
+            old = out.with_name(out.stem + ".state.npz")
+            hint = (f" ({display(old)} is the training state of an older minicnn, which this "
+                    "version cannot resume)" if old.is_file() else "")
+            raise MinicnnError(f"nothing to resume: {display(point)} does not exist{hint}")
+        return
+    existing = [display(path) for path in run_files(out) if os.path.lexists(path)]
+    if existing and not force:
+        raise MinicnnError(f"{' and '.join(existing)} {'exists' if len(existing) == 1 else 'exist'}"
+                           "; use --resume to continue that run, --force to overwrite, or "
+                           "another --out")
 
 
 # --- evaluate ------------------------------------------------------------------------
@@ -241,15 +281,18 @@ def add_evaluate_parser(subparsers) -> None:
 
 def run_evaluate(args) -> int:
     weights, model, metadata = load_requested_model(args)
-    _, test = data.load_cifar10(args.data_dir)
+    _, test = data.load_cifar10(args.data_dir, train=False)
+    if len(metadata["class_names"]) != len(test.class_names):
+        raise MinicnnError(f"{display(weights)}: the model has {len(metadata['class_names'])} "
+                           f"outputs, the test set {len(test.class_names)} classes")
     result = evaluate(model, test, metadata["normalization"], args.batch_size,
                       tta=use_tta(args, metadata))
-    result["weights"] = str(weights)
+    result["weights"] = display(weights)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result, allow_nan=False))
         return 0
     names = result["class_names"]
-    print(f"{weights}: accuracy {result['accuracy']:.2%} on {result['n']:,} test images"
+    print(f"{display(weights)}: accuracy {result['accuracy']:.2%} on {result['n']:,} test images"
           + (" (test-time flips)" if result["tta"] else ""))
     for name, accuracy in result["per_class"].items():
         shown = "no test images" if accuracy is None else f"{accuracy:.2%}"
@@ -279,17 +322,21 @@ def run_classify(args) -> int:
                            f"{len(class_names)} classes")
     paths, images, errors = load_images(args.images)
     for error in errors:
-        print(f"minicnn classify: {error}", file=sys.stderr)
+        print(f"minicnn classify: {printable(str(error))}", file=sys.stderr)
+    if not paths:                              # nothing readable: each input got its line
+        if args.json:
+            print("[]")
+        return EXIT_ERROR
     logits = predict_logits(model, backend.to_device(images), metadata["normalization"],
                             args.batch_size, tta=use_tta(args, metadata))
     probabilities = backend.to_host(softmax(logits))
     results = []
     for path, probs in zip(paths, probabilities, strict=True):
         top = probs.argsort()[::-1][:args.top_k]
-        results.append({"path": path, "predictions": [
+        results.append({"path": display(path), "predictions": [
             {"label": class_names[i], "probability": float(probs[i])} for i in top]})
     if args.json:
-        print(json.dumps(results))
+        print(json.dumps(results, allow_nan=False))
     else:
         for result in results:
             shown = ", ".join(f"{p['label']} {p['probability']:.1%}" for p in result["predictions"])
@@ -322,7 +369,7 @@ def study_inputs(args, command: str):
                            f"--weights {args.image} (see minicnn {command} --help)")
     weights = Path(args.weights) if args.weights else SEED_WEIGHTS
     model, metadata = load_image_model(weights)
-    names, normalization = check_metadata(metadata, weights)
+    names, normalization = study_inputs_checks.check_metadata(metadata, display(weights))
     return weights, model, metadata, names, normalization, load_image(args.image)
 
 
@@ -332,10 +379,10 @@ def chosen_label(text: str | None, names: list[str]) -> int | None:
         return None
     if text in names:
         return names.index(text)
-    if text.isdigit() and int(text) < len(names):
+    if re.fullmatch(r"[0-9]{1,6}", text) and int(text) < len(names):
         return int(text)
     raise MinicnnError(f"--label must be a class name ({', '.join(names)}) "
-                       f"or an index below {len(names)}, got {text!r}")
+                       f"or an index below {len(names)}, got {printable(repr(text))}")
 
 
 def label_line(label: int, names: list[str], given: bool) -> str:
@@ -357,7 +404,8 @@ def run_trace(args) -> int:
     given = label is not None
     if not given:
         label = int(model.eval().forward(x).argmax())
-    print(f"{args.image} through {weights}, on the {kernels.of(model)} kernels")
+    print(f"{display(args.image)} through {display(weights)}, on the {kernels.of(model)} "
+          "kernels")
     print(label_line(label, names, given) + "\n")
     print("\n".join(trace_step(model, x, label, names)))
     return 0
@@ -404,12 +452,9 @@ def run_visualize(args) -> int:
         raise MinicnnError(f"--html {args.html} is a folder; give a file name such as "
                            f"{Path(args.html) / 'report.html'}")
     weights, model, metadata, names, _, image = study_inputs(args, "visualize")
-    history_file = Path(args.history) if args.history else history_path(weights)
-    history = None
-    if args.history or history_file.exists():
-        history = read_history(history_file)
-    else:
-        print(f"no training history at {history_file}: no curves (--history to give one)")
+    history, where = study_inputs_checks.history_of(weights, metadata, args.history)
+    if history is None:
+        print(f"no training history in {where}: no curves (--history to give one)")
     label = chosen_label(args.label, names)
     panels, label = report.study(
         model, metadata, image, image_name=Path(args.image).name, weights_name=weights.name,
@@ -451,15 +496,45 @@ def build_parser() -> ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    with _sigterm_as_ctrl_c(), warnings.catch_warnings():
+        # NaN and overflow are checked where they matter (the loss, the outputs): NumPy's
+        # warnings about them would only add lines
+        warnings.filterwarnings("ignore", r"(overflow|invalid value|divide by zero) encountered",
+                                RuntimeWarning)
+        try:
+            kernels.use(args.kernels)
+            return args.handler(args)
+        except BrokenPipeError:                    # stdout's reader has gone (| head): quietly
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_ERROR
+        except (MinicnnError, OSError) as exc:     # OSError: disk full, permission denied, ...
+            message = str(exc)
+        except MemoryError:
+            message = "out of memory; try a smaller --batch-size (or model)"
+        except KeyboardInterrupt:
+            print(f"minicnn {args.command}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+    print(f"minicnn {args.command}: error: {printable(message)}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """Meanwhile SIGTERM raises KeyboardInterrupt, as Ctrl-C does (training handles both
+    itself, saving its resume point first)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        kernels.use(args.kernels)
-        return args.handler(args)
-    except (MinicnnError, OSError) as exc:     # OSError: disk full, permission denied, ...
-        print(f"minicnn {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"minicnn {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ import numpy
 
 from minicnn import backend
 from minicnn.errors import MinicnnError
+from minicnn.files import display, open_regular
+from minicnn.validation import describe
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -43,6 +45,7 @@ CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer",
 CIFAR10_MEAN = (0.49139968, 0.48215841, 0.44653091)
 CIFAR10_STD = (0.24703223, 0.24348513, 0.26158784)
 DEFAULT_CACHE = Path.home() / ".cache" / "minicnn"
+MAX_BATCH_BYTES = 256 * 2**20    # an official batch file is 31 MB
 
 
 class DataError(MinicnnError):
@@ -70,7 +73,7 @@ class Dataset:
 def _batches_folder(path: Path) -> Path | None:
     """The folder holding the batch files, if ``path`` is it or contains it."""
     for candidate in (path, path / FOLDER):
-        if (candidate / TEST_FILE).is_file():
+        if os.path.lexists(candidate / TEST_FILE):      # not a regular file: refused on reading
             return candidate
     return None
 
@@ -194,33 +197,63 @@ class _BatchUnpickler(pickle.Unpickler):
 
 
 def _read_pickle(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
+    """The dict in a batch file: a regular file of at most MAX_BATCH_BYTES, unpickled with
+    the allow-list (its cost is linear in the file's size)."""
+    name = display(path)
+    if not os.path.lexists(path):
+        raise DataError(f"{name}: missing; the CIFAR-10 folder is incomplete")
+    with open_regular(path, DataError, "CIFAR-10 batch") as f:
+        if os.fstat(f.fileno()).st_size > MAX_BATCH_BYTES:
+            raise DataError(f"{name}: larger than any CIFAR-10 batch ({MAX_BATCH_BYTES:,} bytes "
+                            "at most)")
+        try:
             content = _BatchUnpickler(f, encoding="bytes").load()
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing; the CIFAR-10 folder is incomplete") from None
-    except Exception as exc:  # any unpickling failure means a corrupt file
-        raise DataError(f"{path}: not a CIFAR-10 python batch ({exc})") from None
+        except Exception as exc:  # any unpickling failure means a corrupt file
+            raise DataError(f"{name}: not a CIFAR-10 python batch ({exc})") from None
     if not isinstance(content, dict):
-        raise DataError(f"{path}: not a CIFAR-10 python batch (no dict inside)")
+        raise DataError(f"{name}: not a CIFAR-10 python batch (no dict inside)")
     return content
+
+
+def check_batch(content: dict, source: str) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """The images and labels of an unpickled batch, checked before any is converted:
+    b"data" a uint8 array (N, 3072); b"labels" a list of N ints (or an integer array)
+    in 0..9. Nothing is walked beyond the top-level list, so shared or nested
+    references cannot make the check expensive."""
+    if b"data" not in content or b"labels" not in content:
+        raise DataError(f"{source}: missing b'data' or b'labels'")
+    data, labels = content[b"data"], content[b"labels"]
+    if (not isinstance(data, numpy.ndarray) or data.dtype != numpy.uint8 or data.ndim != 2
+            or data.shape[1] != 3 * 32 * 32):
+        found = (f"shape {data.shape} and dtype {data.dtype}" if isinstance(data, numpy.ndarray)
+                 else type(data).__name__)
+        raise DataError(f"{source}: b'data' has {found}, expected a uint8 array (N, 3072)")
+    n = data.shape[0]
+    if n == 0:
+        raise DataError(f"{source}: holds no images")
+    if isinstance(labels, numpy.ndarray):
+        if labels.dtype.kind not in "iu" or labels.shape != (len(labels),):
+            raise DataError(f"{source}: b'labels' is a {labels.dtype} array of shape "
+                            f"{labels.shape}, expected a list of class indices")
+        values = labels
+    elif isinstance(labels, list):
+        bad = next((v for v in labels if type(v) is not int), None)
+        if bad is not None:
+            raise DataError(f"{source}: a label is {describe(bad)}, expected class indices "
+                            f"0..{len(CLASS_NAMES) - 1}")
+        values = labels
+    else:
+        raise DataError(f"{source}: b'labels' is {type(labels).__name__}, expected a list")
+    if len(values) != n:
+        raise DataError(f"{source}: {len(values)} labels for {n} images")
+    if len(values) and (min(values) < 0 or max(values) >= len(CLASS_NAMES)):
+        raise DataError(f"{source}: labels outside 0..{len(CLASS_NAMES) - 1}")
+    return data.reshape(-1, 3, 32, 32), numpy.asarray(values, dtype=numpy.int64)
 
 
 def load_batch(path: Path) -> tuple[numpy.ndarray, numpy.ndarray]:
     """One batch file -> (uint8 images (N, 3, 32, 32), int64 labels (N,)), validated."""
-    content = _read_pickle(path)
-    if b"data" not in content or b"labels" not in content:
-        raise DataError(f"{path}: missing b'data' or b'labels'")
-    data = numpy.asarray(content[b"data"])
-    labels = numpy.asarray(content[b"labels"], dtype=numpy.int64)
-    if data.dtype != numpy.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise DataError(f"{path}: data has shape {data.shape} and dtype {data.dtype}, "
-                        "expected uint8 (N, 3072)")
-    if labels.shape != (data.shape[0],):
-        raise DataError(f"{path}: {len(labels)} labels for {data.shape[0]} images")
-    if labels.size and (labels.min() < 0 or labels.max() >= len(CLASS_NAMES)):
-        raise DataError(f"{path}: labels outside 0..{len(CLASS_NAMES) - 1}")
-    return data.reshape(-1, 3, 32, 32), labels
+    return check_batch(_read_pickle(path), display(path))
 
 
 def load_class_names(folder: Path) -> tuple:
@@ -228,20 +261,28 @@ def load_class_names(folder: Path) -> tuple:
     if not path.is_file():
         return CLASS_NAMES
     names = _read_pickle(path).get(b"label_names")
-    if not isinstance(names, list) or len(names) != len(CLASS_NAMES):
-        raise DataError(f"{path}: expected {len(CLASS_NAMES)} label names")
-    return tuple(n.decode() if isinstance(n, bytes) else str(n) for n in names)
+    if (not isinstance(names, list) or len(names) != len(CLASS_NAMES)
+            or not all(isinstance(n, (bytes, str)) and 0 < len(n) <= 100 for n in names)):
+        raise DataError(f"{display(path)}: expected {len(CLASS_NAMES)} label names")
+    names = tuple(n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names)
+    if not all(n.isprintable() for n in names):
+        raise DataError(f"{display(path)}: label names must be printable text")
+    return names
 
 
-def load_cifar10(data_dir=None, download: bool = True) -> tuple[Dataset, Dataset]:
-    """(train, test) datasets from the official python batches."""
+def load_cifar10(data_dir=None, download: bool = True,
+                 train: bool = True) -> tuple[Dataset | None, Dataset]:
+    """(train, test) datasets from the official python batches; with ``train`` False,
+    (None, test): the training batches are not read."""
     folder = find_cifar10(data_dir, download=download)
     names = load_class_names(folder)
-    parts = [load_batch(folder / name) for name in TRAIN_FILES]
-    train = Dataset(numpy.concatenate([p[0] for p in parts]),
-                    numpy.concatenate([p[1] for p in parts]), names)
+    training = None
+    if train:
+        parts = [load_batch(folder / name) for name in TRAIN_FILES]
+        training = Dataset(numpy.concatenate([p[0] for p in parts]),
+                           numpy.concatenate([p[1] for p in parts]), names)
     test = Dataset(*load_batch(folder / TEST_FILE), names)
-    return train, test
+    return training, test
 
 
 # --- normalization, batches, augmentation ----------------------------------------

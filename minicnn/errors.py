@@ -7,3 +7,8 @@ one line, without a traceback.
 
 class MinicnnError(Exception):
     """An error caused by the user's input or environment, with a clear message."""
+
+
+class ReplicaError(MinicnnError, RuntimeError):
+    """A replica's process (minicnn.fast.replicas) died (killed, out of memory) or its
+    step failed."""

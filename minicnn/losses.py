@@ -26,6 +26,7 @@ others, which makes it less over-confident and often more accurate.
 from __future__ import annotations
 
 from minicnn import backend
+from minicnn.validation import check_backward, check_input, check_labels
 
 
 def softmax(logits):
@@ -45,10 +46,9 @@ class SoftmaxCrossEntropy:
         self.cache = None
 
     def forward(self, logits, labels):
+        check_input(self, logits, ndim=2, expected="of logits (N, K)")
+        check_labels(self, labels, *logits.shape)
         xp = backend.array_module(logits)
-        if logits.ndim != 2 or labels.shape != (logits.shape[0],):
-            raise ValueError(f"expected logits (N, K) and labels (N,), "
-                             f"got {tuple(logits.shape)} and {tuple(labels.shape)}")
         n = logits.shape[0]
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_probs = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
@@ -61,6 +61,7 @@ class SoftmaxCrossEntropy:
         return loss
 
     def backward(self):
+        check_backward(self, self.cache is not None)
         log_probs, labels, rows = self.cache
         n, k = log_probs.shape
         eps = self.label_smoothing

@@ -3,7 +3,9 @@
 Register a new one with the ``@register("name")`` decorator; its keyword
 arguments are its config, saved in weights files so ``load_model`` can
 rebuild it. A builder returns a model of reference layers; build_model sets it
-up on the default kernels (minicnn.kernels).
+up on the default kernels (minicnn.kernels). A config value must have the type
+of the keyword's default, and lie within CONFIG_LIMITS where that names the
+keyword (a weights file or an option cannot ask for a model too large to build).
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import inspect
 
 from minicnn import kernels
 from minicnn.errors import MinicnnError
+from minicnn.validation import describe, is_finite_number, is_whole
 from minicnn.layers import (BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Scale,
                             Sequential)
 
 MODELS: dict = {}
+CONFIG_LIMITS = {"width": (1, 256), "num_classes": (1, 1000), "in_channels": (1, 64),
+                 "bn_momentum": (0.0, 1.0)}
 
 
 def register(name: str):
@@ -30,10 +35,26 @@ def check_config(name: str, config: dict) -> None:
     (checked against the builder's signature, without building anything)."""
     if name not in MODELS:
         raise MinicnnError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
+    signature = inspect.signature(MODELS[name])
     try:
-        inspect.signature(MODELS[name]).bind(**config)
+        signature.bind(**config)
     except TypeError as exc:
         raise MinicnnError(f"bad config for model {name!r}: {exc}") from None
+    for key, value in config.items():
+        default = signature.parameters[key].default
+        low, high = CONFIG_LIMITS.get(key, (None, None))
+        if isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):
+            ok, kind = is_whole(value), "a whole number"
+        elif isinstance(default, float):
+            ok, kind = is_finite_number(value), "a finite number"
+        else:
+            continue
+        if not ok or (low is not None and not low <= value <= high):
+            within = f" between {low} and {high}" if low is not None else ""
+            raise MinicnnError(f"bad config for model {name!r}: {key} must be {kind}{within}, "
+                               f"got {describe(value)}")
 
 
 def build_model(name: str, **config):
@@ -42,7 +63,7 @@ def build_model(name: str, **config):
     check_config(name, config)
     try:
         model = MODELS[name](**config)
-    except ValueError as exc:                 # a value the builder refuses, e.g. width=0
+    except (ValueError, TypeError) as exc:    # a value the builder refuses, e.g. width=0
         raise MinicnnError(f"bad config for model {name!r}: {exc}") from None
     model.name, model.config = name, dict(config)
     return kernels.prepare(model)

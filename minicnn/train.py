@@ -16,9 +16,12 @@ plain step. MINICNN_PROCESSES=1 turns it off.
 
 Loss and accuracy are summed on the backend's arrays and read back to the
 host only when the progress bar is refreshed, so a GPU is not stalled every
-step. After every epoch the model and the training state are written
-atomically; Ctrl-C saves the state mid-epoch, and ``resume=True`` continues
-exactly where it stopped (each epoch's randomness is drawn from its own seed).
+step. After every epoch the resume point and then the weights are written
+(minicnn.resume: the files of a run); Ctrl-C or SIGTERM saves the resume point
+mid-epoch, and ``resume=True`` continues exactly where it stopped (each
+epoch's randomness is drawn from its own seed). A loss that is not finite
+stops training at once (checked every step on NumPy, at every progress read
+on the GPU), before anything is saved.
 """
 
 from __future__ import annotations
@@ -35,13 +38,19 @@ from pathlib import Path
 from tqdm import tqdm
 
 from minicnn import backend, data, kernels
-from minicnn.checkpoint import (CheckpointError, load_parameters, model_header, read_npz,
-                                 save_model, write_json_atomic, write_npz_atomic)
+from minicnn.checkpoint import CheckpointError, load_parameters, model_header, save_model
 from minicnn.errors import MinicnnError
+from minicnn.files import display, remove_stray_temp_files, sha256
 from minicnn.losses import SoftmaxCrossEntropy
-from minicnn.optim import SGD, make_schedule, norm_and_bias_names
+from minicnn.errors import ReplicaError
+from minicnn.models import MODELS, check_config
+from minicnn.optim import SCHEDULES, SGD, make_schedule, norm_and_bias_names
+from minicnn.resume import (ResumePoint, check_published, new_run_id, read_resume_point,
+                            resume_path, run_files, write_resume_point)
+from minicnn.validation import Record
 
 PROGRESS_EVERY = 20   # steps between reads of the running loss (one host sync each)
+MAX_CROP_PADDING = 16  # half the image: larger paddings give crops of mostly zeros
 
 
 @dataclass
@@ -70,22 +79,43 @@ class TrainConfig:
         return {} if self.width is None else {"width": self.width}
 
     @classmethod
-    def from_dict(cls, values: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+    def from_dict(cls, values: dict, source: str = "config") -> TrainConfig:
+        """A config from a JSON object (a resume point's), every field checked for type
+        and range (MinicnnError naming ``source`` and the field)."""
+        r = Record(values, source)
+        config = cls(
+            model=r.string("model", choices=sorted(MODELS)), epochs=r.integer("epochs", 1),
+            batch_size=r.integer("batch_size", 1), lr=r.number("lr", 0),
+            momentum=r.number("momentum", 0), nesterov=r.boolean("nesterov"),
+            weight_decay=r.number("weight_decay", 0),
+            schedule=r.string("schedule", choices=SCHEDULES), warmup=r.number("warmup", 0, 1),
+            label_smoothing=r.number("label_smoothing", 0, 1),
+            decay_norm_and_bias=r.boolean("decay_norm_and_bias"), augment=r.boolean("augment"),
+            crop_padding=r.integer("crop_padding", 0, MAX_CROP_PADDING), tta=r.boolean("tta"),
+            width=r.integer("width", 1, none_ok=True), seed=r.integer("seed", 0),
+            limit=r.integer("limit", 1, none_ok=True))
+        if config.nesterov and config.momentum == 0:
+            raise MinicnnError(f"{source}: Nesterov momentum needs momentum > 0 (--nesterov "
+                               "needs --momentum)")
+        check_config(config.model, config.model_config())
+        return config
+
+    def checked(self) -> TrainConfig:
+        """This config after the checks of :meth:`from_dict`."""
+        return TrainConfig.from_dict(asdict(self))
 
 
 class TrainingInterrupted(MinicnnError):
-    """Training was stopped with Ctrl-C; the state was saved for --resume."""
+    """Training was stopped with Ctrl-C or SIGTERM; the state was saved for --resume."""
 
 
-def state_path(weights_path: Path) -> Path:
-    """Where the optimizer state for --resume lives, beside the weights."""
-    return weights_path.with_name(weights_path.stem + ".state.npz")
+class TrainingDiverged(MinicnnError):
+    """The loss, the outputs or the weights became NaN or infinite; nothing was saved
+    after the last step that was finite."""
 
 
-def history_path(weights_path: Path) -> Path:
-    return weights_path.with_name(weights_path.stem + ".history.json")
+class NonFiniteOutputs(MinicnnError):
+    """The model's outputs are NaN or infinite (its weights overflow)."""
 
 
 # --- evaluation --------------------------------------------------------------------
@@ -106,6 +136,9 @@ def predict_logits(model, images_uint8, normalization: dict, batch_size: int = 1
         if tta:
             logits += model.forward(xp.ascontiguousarray(x[..., ::-1]))
             logits *= 0.5
+        if not bool(xp.isfinite(logits).all()):
+            raise NonFiniteOutputs("the model's outputs are NaN or infinite (its weights are "
+                                   "too large for float32, or not those of a trained model)")
         outputs.append(logits)
     return xp.concatenate(outputs) if outputs else xp.zeros((0, 0), dtype=xp.float32)
 
@@ -148,14 +181,16 @@ def _augmented_batch(images, plan: data.EpochPlan, index, config: TrainConfig):
 
 
 class StopRequest:
-    """Ctrl-C during training sets ``requested`` instead of raising at once, so the
-    loop stops between two steps, never halfway through a parameter update.
-    A second Ctrl-C raises KeyboardInterrupt immediately (files are still only
-    ever written atomically)."""
+    """Ctrl-C (SIGINT) or SIGTERM during training sets ``requested`` instead of raising at
+    once, so the loop stops between two steps, never halfway through a parameter update.
+    A second one raises KeyboardInterrupt immediately (files are still only ever
+    written atomically)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = {}
 
     def _handle(self, signum, frame):
         if self.requested:
@@ -164,12 +199,12 @@ class StopRequest:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def forward_backward(model, criterion, x, labels, share: float = 1.0):
@@ -211,18 +246,30 @@ def train_epoch(step_fn, optimizer, schedule, images, labels, plan, config,
     """Run the steps of one epoch from ``first_step``; return the totals and the
     number of steps done in this epoch (fewer than steps_per_epoch if stopped).
     ``step_fn(x, labels) -> (loss, logits)``: forward, loss and backward
-    (:func:`training_step`)."""
+    (:func:`training_step`).
+
+    Raises TrainingDiverged for a loss that is not finite (before that step's update;
+    on the GPU it is read every PROGRESS_EVERY steps), and ReplicaError with the
+    attribute ``step`` (the steps finished) if a worker process fails."""
     xp = backend.xp
     totals = EpochTotals(xp.zeros((), dtype=xp.float64), xp.zeros((), dtype=xp.int64))
     batches = data.batch_slices(len(labels), config.batch_size)[first_step:]
     started = time.perf_counter()
     step = first_step
+    loss_on_host = backend.name() == "numpy"
     with tqdm(batches, **bar_settings) as bar:
         for start, stop_index in bar:
             index = plan.order[start:stop_index]
             x = _augmented_batch(images, plan, index, config)
             t = labels[index]
-            loss, logits = step_fn(x, t)
+            try:
+                loss, logits = step_fn(x, t)
+            except ReplicaError as error:
+                error.step = step
+                raise
+            if (loss_on_host or step % PROGRESS_EVERY == 0) and not math.isfinite(float(loss)):
+                raise TrainingDiverged(f"the loss became {float(loss)} at epoch {epoch + 1}, "
+                                       f"step {step + 1}")
             optimizer.lr = schedule(epoch * steps_per_epoch + step)
             optimizer.step()
             totals.loss_sum += loss * (stop_index - start)
@@ -240,14 +287,18 @@ def train_epoch(step_fn, optimizer, schedule, images, labels, plan, config,
 
 def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out: Path, *,
         resume: bool = False, progress: bool = True, log=print) -> dict:
-    """Train ``model`` (built from config.model) and save it to ``out`` after every epoch.
+    """Train ``model`` (built from config.model); after every epoch write its resume point
+    and its weights to ``out`` (minicnn.resume describes the two files).
 
     Returns the final metadata (history, test accuracy, timing); an empty dict
     if a resumed run had nothing left to do. Raises TrainingInterrupted after
-    saving when stopped with Ctrl-C.
+    saving when stopped with Ctrl-C or SIGTERM, TrainingDiverged (nothing saved
+    after the last finite step) when the loss or the weights stop being finite.
     """
+    config = config.checked()
     out = Path(out)
     model_header(model)         # a model that cannot be saved fails now, not after an epoch
+    resume_file = resume_path(out)
     train = train.subset(config.limit)
     n = len(train)
     steps_per_epoch = math.ceil(n / config.batch_size)
@@ -258,53 +309,96 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
                     skip_decay)
     criterion = SoftmaxCrossEntropy(config.label_smoothing)
     normalization = {"mean": list(data.CIFAR10_MEAN), "std": list(data.CIFAR10_STD)}
+    for path in run_files(out):
+        remove_stray_temp_files(path)          # left by a process killed while it saved
 
-    start_epoch, start_step, history, elapsed = 0, 0, [], 0.0
     if resume:
-        start_epoch, start_step, history, elapsed = _restore(model, optimizer, out)
-        log(f"resuming {out} at epoch {start_epoch + 1}, step {start_step}")
+        point = _restore(model, optimizer, config, out, n, steps_per_epoch, log)
+        log(f"resuming {display(out)} at epoch {point.epoch + 1}, step {point.step}")
+    else:
+        point = ResumePoint(run_id=new_run_id(), weights_file=out.name, epoch=0, step=0,
+                            elapsed=0.0, config=asdict(config), train_images=n, history=[],
+                            replaces=sha256(out) if out.is_file() else None)
+    saved_any = resume                         # is there a resume point of this run on disk?
+    history = point.history
+    start_epoch, start_step = point.epoch, point.step
 
     images, labels = backend.to_device(train.images), backend.to_device(train.labels)
     model.train()
 
-    def save(epoch: int, step: int, metrics: dict | None = None) -> dict:
-        metadata = {
-            "class_names": list(train.class_names),
-            "normalization": normalization,
-            "training": {"config": asdict(config), "epochs_completed": epoch,
-                         "backend": backend.name(), "train_seconds": round(elapsed, 1),
-                         "train_images": n},
-            "test_accuracy": history[-1]["test_accuracy"] if history else None,
-            **(metrics or {}),
-        }
-        save_model(model, out, **metadata)
-        state = {f"velocity/{k}": v for k, v in optimizer.state_dict().items()}
-        write_npz_atomic(state_path(out), state, {"epoch": epoch, "step": step,
-                                                  "history": history, "elapsed": elapsed,
-                                                  "config": asdict(config)})
-        write_json_atomic(history_path(out), {"config": asdict(config), "history": history})
-        return metadata
+    def moment(epoch: int, step: int) -> str:
+        """Words for "after ``epoch`` complete epochs and ``step`` more steps"."""
+        return f"the end of epoch {epoch}" if step == 0 else f"epoch {epoch + 1}, step {step}"
 
+    def diverged(what: str) -> TrainingDiverged:
+        kept = (f"the last checkpoint ({display(resume_file)}, from "
+                f"{moment(point.epoch, point.step)}) is unchanged" if saved_any
+                else "nothing was saved")
+        return TrainingDiverged(f"training diverged: {what}; {kept}; try a lower --lr "
+                                f"(this run: {config.lr:g})")
+
+    def save(epoch: int, step: int, published: dict | None = None) -> None:
+        """The resume point after ``epoch`` complete epochs and ``step`` more steps, then
+        at an epoch's end (``published``: its metadata) the weights file."""
+        nonlocal saved_any
+        when = moment(epoch, step)
+        for name, holder, key in [*model.named_arrays(),
+                                  *((name, optimizer.velocity, name) for name in
+                                    optimizer.velocity)]:
+            if not bool(backend.array_module(holder[key]).isfinite(holder[key]).all()):
+                raise diverged(f"{name} became NaN or infinite by {when}")
+        point.epoch, point.step, point.elapsed = epoch, step, elapsed
+        point.model, point.velocity = model.state_dict(), optimizer.state_dict()
+        if published is not None:
+            point.published = published
+        try:
+            write_resume_point(resume_file, point)
+            saved_any = True
+            if published is not None:
+                save_model(model, out, **published)
+        except OSError as exc:
+            raise CheckpointError(f"cannot save the checkpoint at {when} ("
+                                  f"{exc.strerror or exc}); what is on disk is the last "
+                                  "checkpoint that was saved") from None
+
+    elapsed = point.elapsed
     metadata = {}
     with StopRequest() as stop, input_gradients_off(model), \
             training_step(model, criterion) as step_fn:
+        if stop.requested:                     # during start-up: nothing new to save
+            raise TrainingInterrupted("interrupted before the first step; "
+                                      + ("the resume point is unchanged" if resume
+                                         else "nothing was written"))
         for epoch in range(start_epoch, config.epochs):
             plan = data.plan_epoch(n, config.seed, epoch, crop_padding=config.crop_padding)
             first = start_step if epoch == start_epoch else 0
             bar_settings = {"desc": f"epoch {epoch + 1}/{config.epochs}", "unit": "batch",
                             "leave": False, "disable": not progress, "dynamic_ncols": True}
             epoch_start = time.perf_counter()
-            totals, step = train_epoch(step_fn, optimizer, schedule, images, labels,
-                                       plan, config, epoch, first, steps_per_epoch,
-                                       bar_settings, stop)
+            try:
+                totals, step = train_epoch(step_fn, optimizer, schedule, images, labels,
+                                           plan, config, epoch, first, steps_per_epoch,
+                                           bar_settings, stop)
+            except TrainingDiverged as exc:
+                raise diverged(str(exc)) from None
+            except ReplicaError as exc:        # the state of the last finished step is intact
+                elapsed += time.perf_counter() - epoch_start
+                save(epoch, exc.step)
+                raise MinicnnError(f"{exc}; saved the resume point after step {exc.step} of "
+                                   f"epoch {epoch + 1}: run again with --resume to "
+                                   "continue") from None
             train_seconds = time.perf_counter() - epoch_start
             elapsed += train_seconds
-            if step < steps_per_epoch:          # stopped by Ctrl-C between two steps
+            if step < steps_per_epoch:          # stopped by a signal between two steps
                 save(epoch, step)
                 raise TrainingInterrupted(
-                    f"interrupted in epoch {epoch + 1} after {step} steps; saved {out}; "
-                    "run again with --resume to continue")
-            result = evaluate(model, test, normalization)
+                    f"interrupted in epoch {epoch + 1} after {step} steps; saved the resume "
+                    f"point {display(resume_file)} ({display(out)} keeps the last complete "
+                    "epoch); run again with --resume to continue")
+            try:
+                result = evaluate(model, test, normalization)
+            except NonFiniteOutputs as exc:
+                raise diverged(f"{exc} after epoch {epoch + 1}") from None
             model.train()
             seen = totals.seen
             history.append({
@@ -317,6 +411,8 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
                 "images_per_second": round(seen / train_seconds, 1),
             })
             h = history[-1]
+            if not math.isfinite(h["train_loss"]):     # on the GPU a NaN between two reads
+                raise diverged(f"the loss became {h['train_loss']} in epoch {epoch + 1}")
             metrics = {"test_per_class": result["per_class"], "tta": False}
             if config.tta and epoch + 1 == config.epochs:
                 flipped = evaluate(model, test, normalization, tta=True)
@@ -330,10 +426,20 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
                 + (f" (with flips {h['test_accuracy_tta']:.2%})" if "test_accuracy_tta" in h
                    else "")
                 + f"  {train_seconds:.1f}s ({h['images_per_second']:.0f} img/s)")
-            metadata = save(epoch + 1, 0, metrics)
+            metadata = {
+                "class_names": list(train.class_names),
+                "normalization": normalization,
+                "training": {"config": asdict(config), "epochs_completed": epoch + 1,
+                             "backend": backend.name(), "train_seconds": round(elapsed, 1),
+                             "train_images": n, "run_id": point.run_id,
+                             "history": [dict(entry) for entry in history]},
+                "test_accuracy": h["test_accuracy"],
+                **metrics,
+            }
+            save(epoch + 1, 0, metadata)
             if stop.requested and epoch + 1 < config.epochs:
                 raise TrainingInterrupted(
-                    f"interrupted after epoch {epoch + 1}; saved {out}; "
+                    f"interrupted after epoch {epoch + 1}; saved {display(out)}; "
                     "run again with --resume to continue")
     return metadata
 
@@ -354,14 +460,32 @@ def training_step(model, criterion):
     yield functools.partial(forward_backward, model, criterion)
 
 
-def _restore(model, optimizer: SGD, out: Path):
-    """Load the weights and optimizer state saved by fit(); return where to continue."""
-    path = state_path(out)
-    if not out.is_file() or not path.is_file():
-        raise CheckpointError(f"nothing to resume: {out} or {path} is missing")
-    weights, _ = read_npz(out)
-    velocity, state = read_npz(path)
-    load_parameters(model, weights, source=str(out))
-    optimizer.load_state_dict({k.removeprefix("velocity/"): backend.to_device(v)
-                               for k, v in velocity.items()})
-    return state["epoch"], state["step"], state["history"], state["elapsed"]
+def _restore(model, optimizer: SGD, config: TrainConfig, out: Path, n: int,
+             steps_per_epoch: int, log) -> ResumePoint:
+    """Load the resume point of ``out`` into the model and optimizer, after checking that
+    it belongs to this run (minicnn.resume); write the weights file again if it lags."""
+    path = resume_path(out)
+    name = display(path)
+    if not path.is_file():
+        raise CheckpointError(f"nothing to resume: {name} does not exist")
+    point = read_resume_point(path, model, out, steps_per_epoch)
+    saved = TrainConfig.from_dict(point.config, f"{name} (field config)")
+    if saved != config:
+        differ = ", ".join(f"{f.name} {getattr(config, f.name)!r} (saved "
+                           f"{getattr(saved, f.name)!r})" for f in fields(TrainConfig)
+                           if getattr(config, f.name) != getattr(saved, f.name))
+        raise CheckpointError(f"{name}: the run was saved with other options: {differ}")
+    if point.train_images != n:
+        raise CheckpointError(f"{name}: the run trained on {point.train_images:,} images, this "
+                              f"data set has {n:,}")
+    expected = ({param for param, _, _ in model.named_parameters()}
+                if config.momentum and (point.epoch or point.step) else set())
+    if set(point.velocity) != expected:
+        raise CheckpointError(f"{name}: the optimizer's velocity is incomplete (missing "
+                              f"{sorted(expected - set(point.velocity))})")
+    load_parameters(model, point.model, source=name)
+    optimizer.load_state_dict({k: backend.to_device(v) for k, v in point.velocity.items()})
+    if check_published(out, point):
+        save_model(model, out, **point.published)
+        log(f"wrote {display(out)} again from its resume point (epoch {point.epoch})")
+    return point

@@ -132,3 +132,26 @@ def example_images(metadata: dict) -> np.ndarray:
     folder = Path(__file__).resolve().parents[1] / "examples" / "images"
     _, pictures, _ = load_images(sorted(str(p) for p in folder.glob("*.png")))
     return normalize(pictures, **metadata["normalization"])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A tiny CIFAR-10 folder (100 training and 20 test images) shared by a module's tests."""
+    return make_cifar_folder(tmp_path_factory.mktemp("data"), per_batch=20)
+
+
+@pytest.fixture
+def one_process(monkeypatch):
+    """fit() trains in this process (no replica workers)."""
+    monkeypatch.setenv("MINICNN_PROCESSES", "1")
+
+
+def read_npz(path) -> tuple[dict, dict]:
+    """({name: array}, metadata) of a minicnn .npz, every member read as it stands: for
+    tests that craft a file from another (minicnn itself reads with checks and limits)."""
+    import json
+
+    from minicnn.checkpoint import METADATA_KEY
+    with np.load(path, allow_pickle=False) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    return arrays, json.loads(str(arrays.pop(METADATA_KEY)))

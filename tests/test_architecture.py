@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from conftest import every_layer_model, readme_model
+from conftest import every_layer_model, read_npz, readme_model
 from minicnn import (Conv2d, Flatten, GlobalAvgPool2d, Linear, Module, Residual, Sequential,
                      backend, build_model, kernels, load_model, register, save_model)
 from minicnn.architecture import ArchitectureError, build, describe, output_shape
-from minicnn.checkpoint import CheckpointError, read_npz, write_npz_atomic
+from minicnn.checkpoint import CheckpointError, write_npz_atomic
 from minicnn.cli import main
 from minicnn.data import CIFAR10_MEAN, CLASS_NAMES
 from minicnn.models import MODELS
@@ -50,7 +50,7 @@ def test_save_and_load_a_model_built_by_hand(tmp_path, xp):
     path = save_model(model, tmp_path / "mine.npz")
     loaded, metadata = load_model(path)
     assert metadata["model"] is None and metadata["architecture"] == describe(model)
-    assert metadata["class_names"] == list(CLASS_NAMES)
+    assert metadata["class_names"] == [str(i) for i in range(7)]     # 7 outputs: not CIFAR-10
     assert metadata["normalization"]["mean"] == list(CIFAR10_MEAN)
     assert kernels.of(loaded) == kernels.default()
     assert all(backend.array_module(v) is xp for v in loaded.state_dict().values())
@@ -198,8 +198,13 @@ def test_a_model_that_does_not_fit_the_images_or_the_names_is_one_line(mine, tmp
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "cannot take 3x32x32 inputs" in err
     two = save_model(Sequential(Flatten(), Linear(3072, 2)), tmp_path / "two.npz")
+    arrays, metadata = read_npz(two)
+    write_npz_atomic(two, arrays, {**metadata, "class_names": list(CLASS_NAMES)})
     assert main(["classify", "examples/images/cat.png", "--weights", str(two)]) == 1
-    assert "output has shape (2,), but the file names 10 classes" in capsys.readouterr().err
+    assert "class_names has 10 names, but the model has 2 outputs" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="10 class names for a model with 2 outputs"):
+        save_model(Sequential(Flatten(), Linear(3072, 2)), tmp_path / "other.npz",
+                   class_names=CLASS_NAMES)
 
 
 def test_trace_of_a_model_that_is_not_sequential_is_a_clear_error():

@@ -143,11 +143,11 @@ def test_train_evaluate_resume_and_no_overwrite(tiny_cifar, tmp_path, capsys):
     common = ["--data-dir", str(tiny_cifar), "--out", str(out), "--no-progress"]
     code, stdout, _ = run_cli(["train", "--epochs", "1", "--batch-size", "16", *common], capsys)
     assert code == 0 and "test accuracy" in stdout and out.is_file()
-    assert (tmp_path / "run" / "model.history.json").is_file()
+    assert (tmp_path / "run" / "model.resume.npz").is_file()
 
     before = out.read_bytes()
     code, _, err = run_cli(["train", "--epochs", "1", *common], capsys)
-    assert code == 1 and "exists" in err and out.read_bytes() == before
+    assert code == 1 and "model.resume.npz exist;" in err and out.read_bytes() == before
 
     code, _, err = run_cli(["train", "--resume", "--lr", "0.5", *common], capsys)
     assert code == 1 and "--lr 0.5 (saved 0.05)" in err

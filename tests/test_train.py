@@ -10,8 +10,8 @@ import pytest
 
 from minicnn import backend, build_model, load_model
 from minicnn.data import CLASS_NAMES, Dataset
-from minicnn.train import (TrainConfig, TrainingInterrupted, evaluate, fit, history_path,
-                           state_path)
+from minicnn.resume import resume_path
+from minicnn.train import TrainConfig, TrainingInterrupted, evaluate, fit
 
 NORMALIZATION = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 
@@ -43,11 +43,10 @@ def test_fit_learns_and_saves_everything(tmp_path, xp):
     history = metadata["training"]
     assert history["epochs_completed"] == 8 and history["backend"] == backend.name()
     assert metadata["test_accuracy"] > 0.6          # chance is 0.1; seeds 0-2 give 0.88-1.0
-    saved = json.loads(history_path(tmp_path / "w.npz").read_text())
-    losses = [h["train_loss"] for h in saved["history"]]
-    assert losses[-1] < losses[0]
-    assert model.needs_input_grad          # fit turns input gradients off only while training
     loaded, card = load_model(tmp_path / "w.npz")
+    losses = [h["train_loss"] for h in card["training"]["history"]]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert model.needs_input_grad          # fit turns input gradients off only while training
     assert card["test_accuracy"] == metadata["test_accuracy"]
     assert set(card["test_per_class"]) == set(CLASS_NAMES)
     assert card["normalization"]["mean"] == pytest.approx([0.4914, 0.4822, 0.4465], abs=1e-4)
@@ -80,7 +79,7 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(tmp_path, monkeypa
         run(tmp_path, "w.npz")
     monkeypatch.setattr(train_module.SGD, "step", real_step)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    state = json.loads(str(np.load(state_path(tmp_path / "w.npz"))["__metadata__"]))
+    state = json.loads(str(np.load(resume_path(tmp_path / "w.npz"))["__metadata__"]))
     assert (state["epoch"], state["step"]) == (1, 5)   # the step in progress was finished
 
     model = build_model("lenet")
@@ -123,7 +122,7 @@ def test_fit_records_tta_and_the_recipe_options(tmp_path):
     metadata = fit(model, colour_dataset(128, 0), colour_dataset(60, 1), config,
                    tmp_path / "a.npz", progress=False, log=lambda line: None)
     assert metadata["tta"] is True
-    saved = json.loads(history_path(tmp_path / "a.npz").read_text())["history"]
+    saved = load_model(tmp_path / "a.npz")[1]["training"]["history"]
     assert "test_accuracy_tta" in saved[-1] and "test_accuracy_tta" not in saved[0]
     assert metadata["test_accuracy"] == saved[-1]["test_accuracy_tta"]
     assert metadata["test_accuracy_plain"] == saved[-1]["test_accuracy"]

@@ -20,7 +20,9 @@ import pytest
 from PIL import Image
 
 from minicnn import backend, cli
-from minicnn.checkpoint import read_npz, write_npz_atomic
+from conftest import read_npz
+
+from minicnn.checkpoint import write_npz_atomic
 from minicnn.images import load_image
 from minicnn.study.inputs import read_history
 
@@ -155,12 +157,12 @@ BAD_INPUTS = {
                               "not a minicnn weights file"),
     "weights given as the image": (lambda t: [WEIGHTS], "weights file, not an image"),
     "history that is a list": (lambda t: ["--history", history_file(t, [{"epoch": 1}])],
-                               "not a training history"),
+                               "(the list)[0].train_loss must be a finite number"),
     "history that is not JSON": (lambda t: ["--history", history_file(t, "{oops")],
                                  "not a JSON file"),
     "history without losses": (lambda t: ["--history", history_file(
         t, {"history": [{"epoch": 1, "train_accuracy": 0.1, "test_accuracy": 0.1}]})],
-        "entry 1 is not a dict with numbers"),
+        "history[0].train_loss must be a finite number"),
     "history with a text lr": (lambda t: ["--history", history_file(
         t, {"history": [{"epoch": 1, "train_loss": 1, "train_accuracy": 0.1,
                          "test_accuracy": 0.1, "lr": "fast"}]})], "lr"),
@@ -168,9 +170,9 @@ BAD_INPUTS = {
     "class names not a list": (lambda t: ["--weights", weights_with(t, class_names="cat")],
                                "class"),
     "too few class names": (lambda t: ["--weights", weights_with(t, class_names=["a", "b"])],
-                            "names 2 classes"),
+                            "class_names has 2 names, but the model has 10 outputs"),
     "zero std": (lambda t: ["--weights", weights_with(
-        t, normalization={"mean": [0, 0, 0], "std": [1, 0, 1]})], "positive standard"),
+        t, normalization={"mean": [0, 0, 0], "std": [1, 0, 1]})], "normalization.std must be"),
     "unknown label": (lambda t: ["--label", "unicorn"], "--label must be a class name"),
     "html is a folder": (lambda t: ["--html", t], "is a folder"),
 }
@@ -196,7 +198,7 @@ def test_without_a_history_there_are_no_curves(tmp_path, capsys, monkeypatch):
     assert visualize("--weights", weights, "--html", tmp_path / "r.html") == 0
     out = capsys.readouterr().out
     assert "label: cat (the predicted class; --label to choose)" in out
-    assert f"no training history at {tmp_path / 'copy.history.json'}" in out
+    assert f"no training history in {weights} or {tmp_path / 'copy.history.json'}" in out
     text = (tmp_path / "r.html").read_text()
     assert text.count("<img") == len(PANELS) - 1 and 'id="curves"' not in text
 

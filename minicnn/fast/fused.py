@@ -44,6 +44,7 @@ from minicnn.fast.conv import FastConv2d
 from minicnn.fast.pooling import FastMaxPool2d, bracket_backward, bracket_forward
 from minicnn.layers.activation import ReLU
 from minicnn.layers.base import Sequential
+from minicnn.validation import check_input
 
 
 class ConvReluPool:
@@ -142,6 +143,7 @@ class FastSequential(Sequential):
     transient = {**Sequential.transient, "_steps": lambda: None}
 
     def forward(self, x):
+        check_input(self, x)
         self._steps = plan(self.layers)
         for step in self._steps:
             x = step.forward(x)

@@ -41,6 +41,7 @@ import queue
 import threading
 
 from minicnn import backend
+from minicnn.validation import env_int
 
 _workers: int | None = None
 _pool: _HelperThreads | None = None
@@ -49,9 +50,9 @@ _in_calling_thread = 0   # > 0 inside in_calling_thread(): no helper threads
 
 
 def _default_workers() -> int:
-    value = os.environ.get("MINICNN_THREADS")
-    if value:
-        return max(1, int(value))
+    value = env_int("MINICNN_THREADS")
+    if value is not None:
+        return value
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:            # not on Linux

@@ -38,9 +38,9 @@ Usage, in place of forward, loss and backward::
 
 from __future__ import annotations
 
+import atexit
 import math
 import multiprocessing
-import os
 import signal
 import threading
 import traceback
@@ -50,12 +50,26 @@ from multiprocessing import shared_memory
 import numpy as np
 
 from minicnn import backend
-from minicnn.errors import MinicnnError
+from minicnn.errors import ReplicaError
 from minicnn.fast import parallel
 from minicnn.fast.norm import FastBatchNorm2d
 from minicnn.train import forward_backward
+from minicnn.validation import env_int
 
 PROCESSES_VARIABLE = "MINICNN_PROCESSES"
+MAX_PROCESSES = 256
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}    # the calling process's to handle
+
+_OPEN = set()      # the finalizers of the Replicas not closed yet
+
+
+@atexit.register
+def _close_all() -> None:
+    """At exit, stop the workers of every Replicas nobody closed. Registered after
+    multiprocessing's own exit handler (imported above), so it runs first: that one
+    sends SIGTERM, which workers ignore, and then waits for them forever."""
+    for finalizer in list(_OPEN):
+        finalizer()
 
 
 def default_processes(model) -> int:
@@ -64,13 +78,8 @@ def default_processes(model) -> int:
     replicas do not apply (see :func:`refusal`)."""
     if refusal(model) is not None:
         return 1
-    value = os.environ.get(PROCESSES_VARIABLE)
-    if not value:
-        return parallel.workers()
-    if not value.isdigit() or int(value) < 1:
-        raise MinicnnError(f"{PROCESSES_VARIABLE} must be a whole number of at least 1, "
-                           f"got {value!r}")
-    return int(value)
+    value = env_int(PROCESSES_VARIABLE, 1, MAX_PROCESSES)
+    return parallel.workers() if value is None else value
 
 
 def refusal(model) -> str | None:
@@ -131,13 +140,22 @@ class _SharedArrays:
 
 
 def _reply(worker) -> tuple:
-    """The worker's next message: ("ready",), ("done", loss, logits) or ("error", text)."""
+    """The worker's next message: ("ready",), ("done", loss, logits), ("error", its
+    traceback), or ("dead", why) if its process has gone."""
     try:
         return worker["connection"].recv()
     except (EOFError, OSError):
         worker["process"].join(timeout=10)
-        code = worker["process"].exitcode
-        return "error", f"the replica's process exited (exit code {code})"
+        return "dead", _exit_reason(worker["process"])
+
+
+def _exit_reason(process) -> str:
+    code = process.exitcode
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else -code
+        hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+        return f"a replica's process was killed by {name}{hint}"
+    return f"a replica's process exited (exit code {code})"
 
 
 class _AllReduce:
@@ -179,22 +197,39 @@ def _slots(model):
     return [(module, key) for _, module, key in model.named_parameters()]
 
 
-def _worker(connection, model, criterion, params_spec, grads_spec, reduce=None) -> None:
+def _worker(connection, params_spec, grads_spec, reduce=None) -> None:
     """A worker process: forward and backward of its part of each batch (see the module
     docstring), until told to stop. ``reduce``: (block spec, barrier, rank) of the
-    all-reduce its BatchNorm layers share with the other processes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)     # Ctrl-C is the calling process's
-    parallel.set_workers(1)
-    parallel.hold_blas_to_one_thread()
-    params, grads = _SharedArrays.attach(params_spec), _SharedArrays.attach(grads_spec)
-    slots = _slots(model)
-    for (module, key), view in zip(slots, params.arrays):
-        module.params[key] = view
-    model.train()
-    model.set_needs_input_grad(False)
-    sync = _AllReduce(0, 0, reduce[1], spec=reduce[0], rank=reduce[2]) if reduce else None
-    for module in _batch_norms(model):
-        module.sync = sync
+    all-reduce its BatchNorm layers share with the other processes. It starts with
+    SIGINT and SIGTERM blocked (see Replicas) and ignores them: Ctrl-C to the process
+    group is the calling process's to handle, which then stops the workers.
+    Floating-point warnings are the calling process's too (it checks the loss)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    np.seterr(all="ignore")
+    try:
+        message = connection.recv()                   # ("model", model, criterion)
+    except EOFError:
+        return
+    if message[0] != "model":
+        return
+    try:
+        _, model, criterion = message
+        parallel.set_workers(1)
+        parallel.hold_blas_to_one_thread()
+        params, grads = _SharedArrays.attach(params_spec), _SharedArrays.attach(grads_spec)
+        slots = _slots(model)
+        for (module, key), view in zip(slots, params.arrays):
+            module.params[key] = view
+        model.train()
+        model.set_needs_input_grad(False)
+        sync = _AllReduce(0, 0, reduce[1], spec=reduce[0], rank=reduce[2]) if reduce else None
+        for module in _batch_norms(model):
+            module.sync = sync
+    except Exception:  # noqa: BLE001 (sent to the calling process, raised there)
+        connection.send(("error", traceback.format_exc()))
+        return
     connection.send(("ready",))
     inputs = {}                                       # block name -> attached block
     while True:
@@ -253,30 +288,55 @@ class Replicas:
         if _batch_norms(model):
             self._sync = _AllReduce(self.processes, _reduce_width(model),
                                     context.Barrier(self.processes))
-        for rank in range(1, self.processes):
-            grads = _SharedArrays(layouts)
-            ours, theirs = context.Pipe()
-            reduce = (self._sync.block.spec, self._sync.barrier, rank) if self._sync else None
-            process = context.Process(target=_worker, daemon=True, name="minicnn-replica",
-                                      args=(theirs, model, criterion, self._params.spec,
-                                            grads.spec, reduce))
-            process.start()
-            theirs.close()
-            self._workers.append({"process": process, "connection": ours, "grads": grads,
-                                  "inputs": None})
         # close() when this object is dropped or at exit, if nobody called it
         self._finalizer = weakref.finalize(self, _shut_down, model, self._params, self._workers,
                                            self._sync)
+        _OPEN.add(self._finalizer)
+        try:
+            self._start_workers(context, layouts)
+        except BaseException:                         # Ctrl-C included: nothing is left behind
+            self.close()
+            raise
         for module in _batch_norms(model):
             module.sync = self._sync
         if self._sync is not None:        # a worker that dies breaks the barrier at once
             threading.Thread(target=_watch, args=(self._workers, self._sync.barrier),
                              daemon=True, name="minicnn-replica-watch").start()
+
+    def _start_workers(self, context, layouts) -> None:
+        """Start processes-1 workers and wait until each has its copy of the model.
+
+        Each starts with SIGINT and SIGTERM blocked (a child inherits the signal mask),
+        so that Ctrl-C to the process group cannot kill it halfway through Python's
+        start-up. The model goes through the pipe after the start, not as an argument
+        of the process: the start writes its arguments to a pipe the parent still
+        reads from, and waits forever there if the child dies before reading them
+        all (the few kilobytes of the start fit in the pipe's buffer; a model may not)."""
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for rank in range(1, self.processes):
+                grads = _SharedArrays(layouts)
+                ours, theirs = context.Pipe()
+                reduce = (self._sync.block.spec, self._sync.barrier, rank) if self._sync else None
+                process = context.Process(target=_worker, daemon=True, name="minicnn-replica",
+                                          args=(theirs, self._params.spec, grads.spec, reduce))
+                self._workers.append({"process": process, "connection": ours, "grads": grads,
+                                      "inputs": None})
+                try:
+                    process.start()
+                finally:
+                    theirs.close()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for worker in self._workers:
+            try:
+                worker["connection"].send(("model", self.model, self.criterion))
+            except OSError:
+                pass                                  # _reply says why the process is gone
         for worker in self._workers:                  # each has its copy of the model now
             answer = _reply(worker)
             if answer[0] != "ready":
-                self.close()
-                raise RuntimeError(f"a replica's process did not start: {answer[1]}")
+                raise ReplicaError(_why(answer, "a replica's process did not start"))
 
     @property
     def worker_pids(self) -> list[int]:
@@ -324,9 +384,9 @@ class Replicas:
             block.arrays[1][...] = labels[start:stop]
             try:
                 worker["connection"].send(("step", block.spec, n))
-            except OSError as error:
-                raise RuntimeError(f"a replica's process has exited "
-                                   f"(exit code {worker['process'].exitcode})") from error
+            except OSError:
+                busy.append((worker, None))           # _reply says why it is gone
+                continue
             busy.append((worker, block))
         broken = False
         if self._sync is not None:
@@ -346,10 +406,11 @@ class Replicas:
             self._repair_barrier()
             raise
         replies = [_reply(worker) for worker, _ in busy]
-        failed = [reply[1] for reply in replies if reply[0] == "error"]
+        failed = [reply for reply in replies if reply[0] in ("error", "dead")]
         if failed or broken:
             self._repair_barrier()
-            raise RuntimeError(f"a replica's step failed:\n{(failed or ['(no reply)'])[0]}")
+            raise ReplicaError(_why(failed[0], "a replica's step failed") if failed else
+                               "a replica's step failed: its processes fell out of step")
         logits = [logits_head]
         for (worker, _), (_, part_loss, part_logits) in zip(busy, replies):
             loss = loss + part_loss                       # scaled by its share already
@@ -382,12 +443,23 @@ class Replicas:
         """Stop the workers and free the shared memory (the model keeps its parameters,
         copied back into ordinary arrays)."""
         self._finalizer()
+        _OPEN.discard(self._finalizer)
 
     def __enter__(self) -> Replicas:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _why(reply, failed: str) -> str:
+    """One line for a failed reply: why the process is gone, or ``failed`` and the last
+    line of the worker's traceback (the exception)."""
+    kind, text = reply[0], str(reply[1])
+    if kind == "dead":
+        return text
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{failed}: {lines[-1] if lines else 'unknown error'}"
 
 
 def _watch(workers: list, barrier) -> None:
@@ -411,7 +483,12 @@ def _shut_down(model, params: _SharedArrays, workers: list, sync=None) -> None:
         except OSError:                                # the worker is gone already
             pass
     for worker in workers:
-        worker["process"].join(timeout=10)
+        process = worker["process"]
+        if process.pid is not None:                   # started
+            process.join(timeout=10)
+            if process.is_alive():                    # stuck: it ignores SIGINT and SIGTERM
+                process.kill()
+                process.join()
         worker["connection"].close()
         worker["grads"].close()
         if worker["inputs"] is not None:

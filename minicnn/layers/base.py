@@ -22,6 +22,7 @@ decided once, when a model is set up, by :meth:`Module.set_needs_input_grad`.
 from __future__ import annotations
 
 from minicnn import backend
+from minicnn.validation import check_backward, check_input
 
 
 class Module:
@@ -167,6 +168,7 @@ class Sequential(Module):
         return self
 
     def forward(self, x):
+        check_input(self, x)
         for layer in self.layers:
             x = layer.forward(x)
         return x

@@ -19,6 +19,7 @@ windows collects the gradient of every one of them.
 
 from __future__ import annotations
 
+from minicnn import validation
 from minicnn.im2col import col2im, im2col, output_size
 from minicnn.layers.base import Module
 from minicnn.layers.init import kaiming_uniform_params
@@ -39,6 +40,8 @@ class Conv2d(Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride: int = 1,
                  padding: int = 0, bias: bool = True):
+        validation.check_sizes(self, in_channels=in_channels, out_channels=out_channels,
+                               kernel_size=kernel_size, stride=stride, padding=padding)
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = _pair(kernel_size)
@@ -59,7 +62,8 @@ class Conv2d(Module):
 
     def check_input(self, x) -> None:
         """Raise ValueError unless x is (N, in_channels, H, W) with room for the kernel."""
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
+        validation.check_input(self, x, ndim=4, expected=f"(N, {self.in_channels}, H, W)")
+        if x.shape[1] != self.in_channels:
             raise ValueError(f"Conv2d expected input (N, {self.in_channels}, H, W), "
                              f"got {tuple(x.shape)}")
         oh, ow, _, _ = self.geometry(x)

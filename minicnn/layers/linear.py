@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from minicnn.layers.base import Module
 from minicnn.layers.init import kaiming_uniform_params
+from minicnn.validation import check_backward, check_input, check_sizes
 
 
 class Linear(Module):
     """Linear(in_features, out_features, bias=True); weight (out, in) as in PyTorch."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        check_sizes(self, in_features=in_features, out_features=out_features)
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.params = kaiming_uniform_params((out_features, in_features), fan_in=in_features,
@@ -28,6 +30,7 @@ class Linear(Module):
         self.cache = None
 
     def forward(self, x):
+        check_input(self, x, expected=f"(N, {self.in_features})")
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"Linear expected input (N, {self.in_features}), "
                              f"got {tuple(x.shape)}")
@@ -38,6 +41,7 @@ class Linear(Module):
         return y
 
     def backward(self, dy):
+        check_backward(self, self.cache is not None, dy)
         x = self.cache
         self.grads["weight"] = dy.T @ x
         if "bias" in self.params:

@@ -22,12 +22,14 @@ from __future__ import annotations
 from minicnn import backend
 from minicnn.im2col import output_size, pad_hw, window_view
 from minicnn.layers.base import Module
+from minicnn.validation import check_sizes
 
 
 class MaxPool2d(Module):
     """MaxPool2d(kernel_size, stride=None, padding=0); stride defaults to kernel_size."""
 
     def __init__(self, kernel_size: int, stride: int | None = None, padding: int = 0):
+        check_sizes(self, kernel_size=kernel_size, stride=stride, padding=padding)
         super().__init__()
         self.kernel_size = int(kernel_size)
         self.stride = int(stride) if stride is not None else self.kernel_size

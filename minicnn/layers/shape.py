@@ -6,6 +6,7 @@ Backward only undoes the reshape: dx = dy.reshape(x.shape).
 from __future__ import annotations
 
 from minicnn.layers.base import Module
+from minicnn.validation import check_backward
 
 
 class Flatten(Module):
@@ -18,4 +19,5 @@ class Flatten(Module):
         return x.reshape(x.shape[0], -1)
 
     def backward(self, dy):
+        check_backward(self, self.cache is not None, dy)
         return dy.reshape(self.cache)
