@@ -203,3 +203,25 @@ def test_a_worker_that_dies_is_reported_not_waited_for():
         group._workers[0]["process"].join()
         with pytest.raises(replicas.ReplicaError, match="process was killed by SIGKILL"):
             group.forward_backward(x, labels)
+
+
+def test_a_script_without_a_main_guard_is_not_run_again_by_the_workers(tmp_path):
+    """Python's spawn imports the main module in each worker: a script that trains at
+    its top level would train again there. The workers need nothing from it here."""
+    import subprocess
+    import sys
+    script = tmp_path / "train_me.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from minicnn import models\n"
+        "from minicnn.fast.replicas import Replicas\n"
+        "from minicnn.losses import SoftmaxCrossEntropy\n"
+        "print('script runs', flush=True)\n"
+        "with Replicas(models.build_model('lenet'), SoftmaxCrossEntropy(), 2) as group:\n"
+        "    loss, _ = group.forward_backward(np.zeros((4, 3, 32, 32), np.float32),\n"
+        "                                     np.array([0, 1, 2, 3]))\n"
+        "print('loss', float(loss))\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("script runs") == 1 and "loss" in result.stdout

@@ -39,9 +39,11 @@ Usage, in place of forward, loss and backward::
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import multiprocessing
 import signal
+import sys
 import threading
 import traceback
 import weakref
@@ -323,7 +325,8 @@ class Replicas:
                 self._workers.append({"process": process, "connection": ours, "grads": grads,
                                       "inputs": None})
                 try:
-                    process.start()
+                    with _script_not_rerun(self.model, self.criterion):
+                        process.start()
                 finally:
                     theirs.close()
         finally:
@@ -450,6 +453,29 @@ class Replicas:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _script_not_rerun(model, criterion):
+    """Meanwhile, a spawned process does not run the calling script again, where it
+    needs nothing from it: Python's spawn imports the main module in every new
+    process, so a script without ``if __name__ == "__main__":`` would start training
+    anew in each worker, whose own start of workers then fails. The workers need the
+    main module only to unpickle classes defined there; where the model and the loss
+    are made of minicnn's classes alone, it is hidden from the spawn."""
+    main = sys.modules.get("__main__")
+    ours = all(type(m).__module__.startswith("minicnn.") for _, m in model.modules())
+    if main is None or not ours or not type(criterion).__module__.startswith("minicnn."):
+        yield
+        return
+    saved = {key: main.__dict__[key] for key in ("__file__", "__spec__") if key in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
 
 
 def _why(reply, failed: str) -> str:
