@@ -55,7 +55,7 @@ def filter_grid(model: Sequential, scale: int = 12) -> Image.Image:
     """The first conv layer's filters; RGB tiles when it reads 3 channels, else one per input."""
     if not conv_layers(model):
         raise MinicnnError("the model has no Conv2d layer to show")
-    weight = backend.to_host(conv_layers(model)[0][1].params["weight"])   # (OC, C, kh, kw)
+    weight = backend.to_host(conv_layers(model)[0][1].weight_and_bias()[0])   # (OC, C, kh, kw)
     if weight.shape[1] == 3:
         tiles = [_to_uint8(f.transpose(1, 2, 0)) for f in weight]
     else:
@@ -99,7 +99,8 @@ def saliency_image(image_uint8: numpy.ndarray, gradient, scale: int = 8) -> Imag
 
 
 def curves(history: list[dict], title: str = ""):
-    """A matplotlib figure: training loss, and train/test accuracy, per epoch."""
+    """A matplotlib figure: training loss, and train and test (or hold-out) accuracy per
+    epoch (epochs that were not evaluated are left out)."""
     try:
         import matplotlib  # noqa: PLC0415 - optional extra
         matplotlib.use("Agg")
@@ -111,9 +112,12 @@ def curves(history: list[dict], title: str = ""):
     figure, (loss_axes, accuracy_axes) = pyplot.subplots(1, 2, figsize=(10, 4))
     loss_axes.plot(epochs, [entry["train_loss"] for entry in history], marker="o")
     loss_axes.set(xlabel="epoch", ylabel="training loss", title="loss")
-    for key, label in (("train_accuracy", "train"), ("test_accuracy", "test")):
-        accuracy_axes.plot(epochs, [100 * entry[key] for entry in history], marker="o",
-                           label=label)
+    for key, label in (("train_accuracy", "train"), ("test_accuracy", "test"),
+                       ("holdout_accuracy", "holdout")):
+        points = [(entry["epoch"], 100 * entry[key]) for entry in history
+                  if entry.get(key) is not None]           # epochs that were not evaluated
+        if points:
+            accuracy_axes.plot(*zip(*points, strict=True), marker="o", label=label)
     accuracy_axes.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     accuracy_axes.legend()
     figure.suptitle(title)
