@@ -34,14 +34,17 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from minicnn import backend, data, kernels
+from minicnn import augment, backend, data, holdout, kernels
+from minicnn.averaging import Lookahead
 from minicnn.checkpoint import (CheckpointError, load_parameters, read_npz, save_model,
                                  write_json_atomic, write_npz_atomic)
 from minicnn.errors import MinicnnError
+from minicnn.layers.whitening import whitening_layers
 from minicnn.losses import SoftmaxCrossEntropy
-from minicnn.optim import SGD, make_schedule, norm_and_bias_names
+from minicnn.optim import SGD, ParamGroup, batchnorm_names, make_schedule, norm_and_bias_names
 
 PROGRESS_EVERY = 20   # steps between reads of the running loss (one host sync each)
+WHITENING_IMAGES = 5000   # training images the whitening stem's filters are computed from
 
 
 @dataclass
@@ -60,14 +63,40 @@ class TrainConfig:
     decay_norm_and_bias: bool = True   # False: weight decay skips biases and BatchNorm
     augment: bool = True          # random horizontal flips
     crop_padding: int = 0         # random crops after padding by this much (0: off)
-    tta: bool = False             # also test with flipped images (averaged logits) at the end
+    tta: str = "none"             # also test with TTA at the end: augment.TTA_MODES
     width: int | None = None      # the model's width option, for models that have one
     seed: int = 0
     limit: int | None = None      # use only the first N training images
+    # The model's other options, for models that have them (None: the model's default)
+    widths: list | None = None    # airnet: the three blocks' widths
+    stem: str | None = None       # airnet: "conv" or "whiten" (patch whitening)
+    dirac: bool | None = None     # airnet: identity init of the blocks' convs
+    bn_momentum: float | None = None
+    bn_eps: float | None = None
+    # airbench's recipe (docs/accuracy.md); the defaults leave each piece off
+    flip_rule: str = "random"     # with augment: "random" or "alternating" (augment.py)
+    crop_mode: str = "zeros"      # how crops pad: "zeros" or "reflect"
+    lr_start_factor: float | None = None  # linear schedule: lr * this at step 0 (None: 1/25)
+    lr_end_factor: float = 0.0    # linear schedule: lr * this at the end
+    norm_lr_scale: float = 1.0    # BatchNorm parameters' lr times this, their decay / this
+    whiten_bias_epochs: int | None = None  # the whitening stem's bias trains this many epochs
+    lookahead: bool = False       # lookahead averaging of the weights (averaging.py)
+    lookahead_every: int = 5      # steps between its pulls
+    lookahead_start_epoch: int = 3  # the epoch (from 0) it starts in
+    holdout: int = 0              # hold out N training images and evaluate on them, not test
+    holdout_seed: int = 0         # the hold-out split's own seed (holdout.py)
+    eval_each_epoch: bool = True  # False: evaluate after the last epoch only
+    keep_epoch_weights: bool = False  # also keep each epoch's weights (NAME.epochNNN.npz)
+
+    MODEL_OPTIONS = ("width", "widths", "stem", "dirac", "bn_momentum", "bn_eps")
+
+    def __post_init__(self):
+        self.tta = augment.tta_mode(self.tta)       # True/False in runs saved before the modes
 
     def model_config(self) -> dict:
-        """Keyword arguments for build_model(self.model, ...)."""
-        return {} if self.width is None else {"width": self.width}
+        """Keyword arguments for build_model(self.model, ...): the model options set."""
+        return {name: getattr(self, name) for name in self.MODEL_OPTIONS
+                if getattr(self, name) is not None}
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
@@ -88,31 +117,34 @@ def history_path(weights_path: Path) -> Path:
     return weights_path.with_name(weights_path.stem + ".history.json")
 
 
+def epoch_weights_path(weights_path: Path, epoch: int) -> Path:
+    """Where keep_epoch_weights puts the weights after epoch ``epoch`` (1-based)."""
+    return weights_path.with_name(f"{weights_path.stem}.epoch{epoch:03d}.npz")
+
+
 # --- evaluation --------------------------------------------------------------------
 
 def predict_logits(model, images_uint8, normalization: dict, batch_size: int = 1000,
-                   tta: bool = False):
+                   tta="none"):
     """Logits (N, K) on the backend for uint8 images (N, 3, H, W) on the backend.
 
-    tta (test-time augmentation): the mean of the logits of each image and of
-    its mirror image, two forward passes.
+    tta (test-time augmentation, minicnn.augment): "none"; "flip" (or True), the
+    mean of the logits of each image and of its mirror image, two forward passes;
+    "flip-translate", airbench's six views with 1-pixel translations.
     """
     xp = backend.xp
     model.eval()
     outputs = []
     for start, stop in data.batch_slices(len(images_uint8), batch_size):
         x = data.normalize(images_uint8[start:stop], normalization["mean"], normalization["std"])
-        logits = model.forward(x)
-        if tta:
-            logits += model.forward(xp.ascontiguousarray(x[..., ::-1]))
-            logits *= 0.5
-        outputs.append(logits)
+        outputs.append(augment.tta_logits(model, x, tta))
     return xp.concatenate(outputs) if outputs else xp.zeros((0, 0), dtype=xp.float32)
 
 
 def evaluate(model, dataset: data.Dataset, normalization: dict, batch_size: int = 1000,
-             tta: bool = False) -> dict:
-    """Accuracy, per-class accuracy and confusion matrix (rows: true, columns: predicted)."""
+             tta="none") -> dict:
+    """Accuracy, per-class accuracy and confusion matrix (rows: true, columns: predicted);
+    "tta": the test-time augmentation used (predict_logits)."""
     xp = backend.xp
     k = len(dataset.class_names)
     images = backend.to_device(dataset.images)
@@ -128,7 +160,7 @@ def evaluate(model, dataset: data.Dataset, normalization: dict, batch_size: int 
         "confusion": confusion.tolist(),
         "class_names": list(dataset.class_names),
         "n": n,
-        "tta": tta,
+        "tta": augment.tta_mode(tta),
     }
 
 
@@ -139,8 +171,41 @@ def _augmented_batch(images, plan: data.EpochPlan, index, config: TrainConfig):
     if config.augment:
         x = data.random_flip(x, plan.flip[index])
     if config.crop_padding:
-        x = data.random_crop(x, plan.offsets[index], config.crop_padding)
+        x = data.random_crop(x, plan.offsets[index], config.crop_padding, config.crop_mode)
     return data.normalize(x)
+
+
+def _plan_epoch(n: int, config: TrainConfig, epoch: int) -> data.EpochPlan:
+    plan = data.plan_epoch(n, config.seed, epoch, crop_padding=config.crop_padding)
+    if config.flip_rule == "alternating":
+        plan.flip = augment.alternating_flips(n, config.seed, epoch)
+    return plan
+
+
+def make_optimizer(model, config: TrainConfig) -> SGD:
+    """SGD as the config says: decay skipped for biases and BatchNorm unless
+    decay_norm_and_bias, and BatchNorm's parameters in a group of their own when
+    norm_lr_scale is set (lr times it, weight decay divided by it: the same
+    shrinkage lr * wd per step as the others, as airbench)."""
+    skip_decay = () if config.decay_norm_and_bias else norm_and_bias_names(model)
+    groups = []
+    if config.norm_lr_scale != 1.0:
+        groups.append(ParamGroup(frozenset(batchnorm_names(model)), config.norm_lr_scale,
+                                 config.weight_decay / config.norm_lr_scale))
+    return SGD(model, config.lr, config.momentum, config.nesterov, config.weight_decay,
+               skip_decay, groups)
+
+
+def _freeze_whitening_biases(model, config: TrainConfig, epoch: int) -> None:
+    """From epoch whiten_bias_epochs on, the whitening stem's bias stops training; the
+    layers after it then need no input gradient either (set_needs_input_grad)."""
+    layers = whitening_layers(model)
+    if config.whiten_bias_epochs is None or epoch < config.whiten_bias_epochs or not any(
+            layer.bias_trainable for layer in layers):
+        return
+    for layer in layers:
+        layer.freeze_bias()
+    model.set_needs_input_grad(False)
 
 
 class StopRequest:
@@ -203,11 +268,12 @@ class EpochTotals:
 
 def train_epoch(step_fn, optimizer, schedule, images, labels, plan, config,
                 epoch: int, first_step: int, steps_per_epoch: int, bar_settings: dict,
-                stop: StopRequest) -> tuple[EpochTotals, int]:
+                stop: StopRequest, lookahead: Lookahead | None = None
+                ) -> tuple[EpochTotals, int]:
     """Run the steps of one epoch from ``first_step``; return the totals and the
     number of steps done in this epoch (fewer than steps_per_epoch if stopped).
     ``step_fn(x, labels) -> (loss, logits)``: forward, loss and backward
-    (:func:`training_step`)."""
+    (:func:`training_step`); ``lookahead`` follows every step."""
     xp = backend.xp
     totals = EpochTotals(xp.zeros((), dtype=xp.float64), xp.zeros((), dtype=xp.int64))
     batches = data.batch_slices(len(labels), config.batch_size)[first_step:]
@@ -221,6 +287,8 @@ def train_epoch(step_fn, optimizer, schedule, images, labels, plan, config,
             loss, logits = step_fn(x, t)
             optimizer.lr = schedule(epoch * steps_per_epoch + step)
             optimizer.step()
+            if lookahead is not None:
+                lookahead.after_step(optimizer.model, epoch, epoch * steps_per_epoch + step + 1)
             totals.loss_sum += loss * (stop_index - start)
             totals.correct += (logits.argmax(axis=1) == t).sum()
             totals.seen += stop_index - start
@@ -240,27 +308,38 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
 
     Returns the final metadata (history, test accuracy, timing); an empty dict
     if a resumed run had nothing left to do. Raises TrainingInterrupted after
-    saving when stopped with Ctrl-C.
+    saving when stopped with Ctrl-C. With config.holdout, ``test`` is not used:
+    the held-out training images (minicnn.holdout) are evaluated instead, and the
+    results are named "holdout_..." instead of "test_...".
     """
     out = Path(out)
+    evaluated_on = "test"
+    if config.holdout:
+        train, test = holdout.split(train, config.holdout, config.holdout_seed)
+        evaluated_on = "holdout"
     train = train.subset(config.limit)
     n = len(train)
     steps_per_epoch = math.ceil(n / config.batch_size)
-    schedule = make_schedule(config.schedule, config.lr, config.epochs * steps_per_epoch,
-                             warmup_fraction=config.warmup)
-    skip_decay = () if config.decay_norm_and_bias else norm_and_bias_names(model)
-    optimizer = SGD(model, config.lr, config.momentum, config.nesterov, config.weight_decay,
-                    skip_decay)
+    total_steps = config.epochs * steps_per_epoch
+    schedule = make_schedule(config.schedule, config.lr, total_steps,
+                             warmup_fraction=config.warmup, start_factor=config.lr_start_factor,
+                             end_factor=config.lr_end_factor)
+    optimizer = make_optimizer(model, config)
+    lookahead = (Lookahead(total_steps, config.lookahead_start_epoch, config.lookahead_every)
+                 if config.lookahead else None)
     criterion = SoftmaxCrossEntropy(config.label_smoothing)
     normalization = {"mean": list(data.CIFAR10_MEAN), "std": list(data.CIFAR10_STD)}
 
     start_epoch, start_step, history, elapsed = 0, 0, [], 0.0
     if resume:
-        start_epoch, start_step, history, elapsed = _restore(model, optimizer, out)
+        start_epoch, start_step, history, elapsed = _restore(model, optimizer, lookahead, out)
         log(f"resuming {out} at epoch {start_epoch + 1}, step {start_step}")
+    elif whitening_layers(model):
+        elapsed += _fit_whitening(model, train, log)
 
     images, labels = backend.to_device(train.images), backend.to_device(train.labels)
     model.train()
+    accuracy_key = f"{evaluated_on}_accuracy"
 
     def save(epoch: int, step: int, metrics: dict | None = None) -> dict:
         metadata = {
@@ -269,29 +348,36 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
             "training": {"config": asdict(config), "epochs_completed": epoch,
                          "backend": backend.name(), "train_seconds": round(elapsed, 1),
                          "train_images": n},
-            "test_accuracy": history[-1]["test_accuracy"] if history else None,
+            accuracy_key: history[-1][accuracy_key] if history else None,
             **(metrics or {}),
         }
         save_model(model, out, **metadata)
         state = {f"velocity/{k}": v for k, v in optimizer.state_dict().items()}
+        if lookahead is not None:
+            state |= {f"lookahead/{k}": v for k, v in lookahead.state_dict().items()}
         write_npz_atomic(state_path(out), state, {"epoch": epoch, "step": step,
                                                   "history": history, "elapsed": elapsed,
                                                   "config": asdict(config)})
         write_json_atomic(history_path(out), {"config": asdict(config), "history": history})
+        if config.keep_epoch_weights and step == 0 and epoch > 0:
+            save_model(model, epoch_weights_path(out, epoch), **metadata)
         return metadata
 
     metadata = {}
     with StopRequest() as stop, input_gradients_off(model), \
             training_step(model, criterion) as step_fn:
         for epoch in range(start_epoch, config.epochs):
-            plan = data.plan_epoch(n, config.seed, epoch, crop_padding=config.crop_padding)
+            _freeze_whitening_biases(model, config, epoch)
+            plan = _plan_epoch(n, config, epoch)
             first = start_step if epoch == start_epoch else 0
             bar_settings = {"desc": f"epoch {epoch + 1}/{config.epochs}", "unit": "batch",
                             "leave": False, "disable": not progress, "dynamic_ncols": True}
             epoch_start = time.perf_counter()
             totals, step = train_epoch(step_fn, optimizer, schedule, images, labels,
                                        plan, config, epoch, first, steps_per_epoch,
-                                       bar_settings, stop)
+                                       bar_settings, stop, lookahead)
+            if step == steps_per_epoch and lookahead is not None:
+                lookahead.end_epoch(model)     # the averaged weights are evaluated and saved
             train_seconds = time.perf_counter() - epoch_start
             elapsed += train_seconds
             if step < steps_per_epoch:          # stopped by Ctrl-C between two steps
@@ -299,38 +385,56 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
                 raise TrainingInterrupted(
                     f"interrupted in epoch {epoch + 1} after {step} steps; saved {out}; "
                     "run again with --resume to continue")
-            result = evaluate(model, test, normalization)
+            last = epoch + 1 == config.epochs
+            result = (evaluate(model, test, normalization)
+                      if config.eval_each_epoch or last else None)
             model.train()
             seen = totals.seen
             history.append({
                 "epoch": epoch + 1,
                 "train_loss": float(totals.loss_sum) / max(seen, 1),
                 "train_accuracy": float(totals.correct) / max(seen, 1),
-                "test_accuracy": result["accuracy"],
+                accuracy_key: result["accuracy"] if result else None,
                 "lr": optimizer.lr,
                 "seconds": round(train_seconds, 2),
                 "images_per_second": round(seen / train_seconds, 1),
             })
             h = history[-1]
-            metrics = {"test_per_class": result["per_class"], "tta": False}
-            if config.tta and epoch + 1 == config.epochs:
-                flipped = evaluate(model, test, normalization, tta=True)
+            metrics = {f"{evaluated_on}_per_class": result["per_class"] if result else None,
+                       "tta": "none"}
+            if config.holdout:
+                metrics["holdout"] = {"images": config.holdout, "seed": config.holdout_seed}
+            if config.tta != "none" and last:
+                augmented = evaluate(model, test, normalization, tta=config.tta)
                 model.train()
-                h["test_accuracy_tta"] = flipped["accuracy"]
-                metrics = {"test_per_class": flipped["per_class"], "tta": True,
-                           "test_accuracy": flipped["accuracy"],
-                           "test_accuracy_plain": result["accuracy"]}
+                h[f"{accuracy_key}_tta"] = augmented["accuracy"]
+                metrics |= {f"{evaluated_on}_per_class": augmented["per_class"],
+                            "tta": config.tta, accuracy_key: augmented["accuracy"],
+                            f"{accuracy_key}_plain": result["accuracy"]}
+            shown = "" if result is None else f"  {evaluated_on} acc {h[accuracy_key]:.2%}"
+            if f"{accuracy_key}_tta" in h:
+                shown += f" (TTA {config.tta} {h[f'{accuracy_key}_tta']:.2%})"
             log(f"epoch {epoch + 1:>3}/{config.epochs}  loss {h['train_loss']:.4f}  "
-                f"train acc {h['train_accuracy']:.2%}  test acc {h['test_accuracy']:.2%}"
-                + (f" (with flips {h['test_accuracy_tta']:.2%})" if "test_accuracy_tta" in h
-                   else "")
-                + f"  {train_seconds:.1f}s ({h['images_per_second']:.0f} img/s)")
+                f"train acc {h['train_accuracy']:.2%}{shown}"
+                f"  {train_seconds:.1f}s ({h['images_per_second']:.0f} img/s)")
             metadata = save(epoch + 1, 0, metrics)
             if stop.requested and epoch + 1 < config.epochs:
                 raise TrainingInterrupted(
                     f"interrupted after epoch {epoch + 1}; saved {out}; "
                     "run again with --resume to continue")
     return metadata
+
+
+def _fit_whitening(model, train: data.Dataset, log) -> float:
+    """Set the whitening stem's filters from the first WHITENING_IMAGES training images
+    (normalized, not augmented, as airbench); returns the seconds it took."""
+    started = time.perf_counter()
+    x = data.normalize(backend.to_device(train.images[:WHITENING_IMAGES]))
+    for layer in whitening_layers(model):
+        layer.fit_to(x)
+    seconds = time.perf_counter() - started
+    log(f"whitening filters set from {len(x):,} training images in {seconds:.1f}s")
+    return seconds
 
 
 @contextlib.contextmanager
@@ -349,14 +453,21 @@ def training_step(model, criterion):
     yield functools.partial(forward_backward, model, criterion)
 
 
-def _restore(model, optimizer: SGD, out: Path):
-    """Load the weights and optimizer state saved by fit(); return where to continue."""
+def _restore(model, optimizer: SGD, lookahead: Lookahead | None, out: Path):
+    """Load the weights, optimizer and lookahead state saved by fit(); return where to
+    continue."""
     path = state_path(out)
     if not out.is_file() or not path.is_file():
         raise CheckpointError(f"nothing to resume: {out} or {path} is missing")
     weights, _ = read_npz(out)
-    velocity, state = read_npz(path)
+    arrays, state = read_npz(path)
     load_parameters(model, weights, source=str(out))
-    optimizer.load_state_dict({k.removeprefix("velocity/"): backend.to_device(v)
-                               for k, v in velocity.items()})
+
+    def part(prefix: str) -> dict:
+        return {k.removeprefix(prefix): backend.to_device(v) for k, v in arrays.items()
+                if k.startswith(prefix)}
+
+    optimizer.load_state_dict(part("velocity/"))
+    if lookahead is not None:
+        lookahead.load_state_dict(part("lookahead/"))
     return state["epoch"], state["step"], state["history"], state["elapsed"]
