@@ -274,7 +274,8 @@ def add_model_options(p, batch_size: int, json_help: str) -> None:
                    help="test-time augmentation: none, flip (the default of a bare --tta: the "
                         "mean of the logits of each image and its mirror image) or "
                         "flip-translate (airbench's six views); default: as recorded in the "
-                        "weights file")
+                        "weights file. A bare --tta reads the next word as its mode: put it "
+                        "after the image files")
     p.add_argument("--no-tta", dest="tta", action="store_const", const="none",
                    help="no test-time augmentation (--tta none)")
 
