@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from minicnn.layers import (BatchNorm2d, Conv2d, Flatten, GlobalAvgPool2d, Linear, MaxPool2d,
-                            ReLU, Residual, Scale, Sequential)
+                            PatchWhitening, ReLU, Residual, Scale, Sequential)
 
 nn = torch.nn
 
@@ -41,6 +41,11 @@ def _mirror_layer(layer):
     if isinstance(layer, Residual):
         body = _mirror_layer(layer.body)
         return None if body is None else TorchResidual(body)
+    if isinstance(layer, PatchWhitening):          # a Conv2d whose weight is not trained
+        mirror = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size)
+        mirror.weight.requires_grad_(False)
+        mirror.bias.requires_grad_(layer.bias_trainable)
+        return mirror
     if isinstance(layer, Conv2d):
         return nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
                          stride=layer.stride, padding=layer.padding, bias="bias" in layer.params)

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy
 from numpy.lib import format as npy_format
 
-from minicnn import architecture, backend
+from minicnn import architecture, augment, backend
 from minicnn.data import CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES
 from minicnn.errors import MinicnnError
 from minicnn.files import atomic_write, display, open_regular
@@ -214,7 +214,9 @@ def check_metadata(metadata: dict, source: str) -> dict:
         if len(mean) != len(std):
             record.fail("normalization", "mean and std of the same length", normalization.values)
         checked["normalization"] = {"mean": mean, "std": std}
-    checked["tta"] = record.boolean("tta", default=False)
+    tta = record.field("tta", lambda v: isinstance(v, bool) or v in augment.TTA_MODES,
+                       "true, false or one of " + ", ".join(augment.TTA_MODES), default="none")
+    checked["tta"] = augment.tta_mode(tta)       # true in files before the modes: flips
     checked["test_accuracy"] = record.number("test_accuracy", 0, 1, default=None, none_ok=True)
     training = record.record("training", default=None)
     checked["training"] = {} if training is None else training.values

@@ -23,14 +23,14 @@ import warnings
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from minicnn import __version__, backend, data, kernels
+from minicnn import __version__, augment, backend, data, kernels
 from minicnn.architecture import ArchitectureError, output_shape
 from minicnn.checkpoint import check_metadata, load_model, read_metadata
 from minicnn.errors import MinicnnError
 from minicnn.files import display, printable
 from minicnn.images import load_image, load_images
 from minicnn.losses import softmax
-from minicnn.models import MODELS, build_model, check_config
+from minicnn.models import MODELS, STEMS, build_model, check_config
 from minicnn.optim import SCHEDULES
 from minicnn.resume import read_resume_config, resume_path, run_files
 from minicnn.study import inputs as study_inputs_checks
@@ -92,6 +92,18 @@ def crop_padding(text: str) -> int:
     return value
 
 
+def widths_list(text: str) -> list[int]:
+    """"64,128,128" -> [64, 128, 128]."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be three positive integers such as 64,128,128, "
+                                         f"got {text}")
+    return values
+
+
 def shipped_weights(folder: Path | None = None) -> dict:
     """{path: metadata} of the minicnn weights files in ``folder`` (default WEIGHTS_DIR);
     resume points and anything unreadable or with metadata that does not pass
@@ -136,18 +148,63 @@ def add_train_parser(subparsers) -> None:
     p.add_argument("--label-smoothing", type=fraction, help=f"default {d.label_smoothing}")
     p.add_argument("--no-decay-norm-bias", dest="decay_norm_and_bias", action="store_false",
                    default=None, help="weight decay skips biases and BatchNorm parameters")
-    p.add_argument("--tta", action="store_true", default=None,
-                   help="test the final model also with flipped images (logits averaged) and "
-                        "record that evaluate and classify should do so")
+    p.add_argument("--tta", nargs="?", const="flip", choices=augment.TTA_MODES, default=None,
+                   help="test the final model also with test-time augmentation, and record that "
+                        "evaluate and classify should use it: flip (the default of a bare "
+                        "--tta; image and mirror image) or flip-translate (airbench's six "
+                        "views)")
     p.add_argument("--width", type=positive_int,
                    help="width option of the model (airnet: channels of its first block)")
+    p.add_argument("--widths", type=widths_list, metavar="W1,W2,W3",
+                   help="airnet: the widths of its three blocks, e.g. 64,128,128 (instead of "
+                        "--width W, which means W,4W,4W)")
+    p.add_argument("--stem", choices=STEMS,
+                   help="airnet: conv (a learned 2x2 conv + BatchNorm, the default) or whiten "
+                        "(fixed patch-whitening filters from the training images)")
+    p.add_argument("--dirac", action="store_true", default=None,
+                   help="airnet: identity init of the blocks' 3x3 convs")
+    p.add_argument("--bn-momentum", type=fraction, help="airnet: BatchNorm momentum (default 0.2)")
+    p.add_argument("--bn-eps", type=non_negative_float, help="airnet: BatchNorm eps (default 1e-5)")
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="no random horizontal flips")
+    p.add_argument("--flip-rule", choices=augment.FLIP_RULES,
+                   help="random: a fresh coin per image and epoch (the default); alternating: "
+                        "one coin per image, every image mirrored every other epoch")
     p.add_argument("--crop-padding", type=crop_padding,
                    help=f"random crops after padding by this many pixels (default "
                         f"{d.crop_padding}: off)")
+    p.add_argument("--crop-mode", choices=data.PAD_MODES,
+                   help="how crops pad: zeros (the default) or reflect (mirrored edges)")
+    p.add_argument("--lr-start-factor", type=non_negative_float,
+                   help="linear schedule: start at LR times this (default 1/25)")
+    p.add_argument("--lr-end-factor", type=non_negative_float,
+                   help="linear schedule: end at LR times this (default 0)")
+    p.add_argument("--norm-lr-scale", type=non_negative_float,
+                   help="BatchNorm parameters' learning rate times this, their weight decay "
+                        "divided by it (default 1)")
+    p.add_argument("--whiten-bias-epochs", type=non_negative_int,
+                   help="--stem whiten: train its bias this many epochs, then freeze it "
+                        "(default: never frozen)")
+    p.add_argument("--lookahead", action="store_true", default=None,
+                   help="lookahead averaging of the weights on airbench's schedule; the saved "
+                        "weights are the averaged ones")
+    p.add_argument("--lookahead-every", type=positive_int,
+                   help=f"steps between the lookahead's pulls (default {d.lookahead_every})")
+    p.add_argument("--lookahead-start-epoch", type=non_negative_int,
+                   help=f"the epoch (counted from 0) the lookahead starts in (default "
+                        f"{d.lookahead_start_epoch})")
     p.add_argument("--seed", type=non_negative_int, help=f"default {d.seed}")
     p.add_argument("--limit", type=positive_int, help="train on the first N images only")
+    p.add_argument("--holdout", type=positive_int, metavar="N",
+                   help="hold out N training images (stratified; minicnn/holdout.py), train on "
+                        "the rest and evaluate on them instead of the test set")
+    p.add_argument("--holdout-seed", type=non_negative_int,
+                   help=f"the hold-out split's own seed (default {d.holdout_seed})")
+    p.add_argument("--no-eval-each-epoch", dest="eval_each_epoch", action="store_false",
+                   default=None, help="evaluate after the last epoch only")
+    p.add_argument("--keep-epoch-weights", action="store_true", default=None,
+                   help="also keep each epoch's weights (NAME.epoch001.npz, ...) to evaluate "
+                        "later")
     p.add_argument("--data-dir", help="CIFAR-10 folder or tarball (default: $MINICNN_DATA, "
                                       f"else {data.DEFAULT_CACHE}, downloading if needed)")
     p.add_argument("--out", help="weights file to write (default runs/MODEL_cifar10.npz); its "
@@ -177,6 +234,19 @@ def _train_config(args) -> TrainConfig:
     return config
 
 
+def check_train_config(config: TrainConfig) -> None:
+    """Options that only mean something with others: a MinicnnError if those are missing."""
+    if config.width is not None and config.widths is not None:
+        raise MinicnnError("give --width or --widths, not both")
+    if config.schedule != "linear" and (config.lr_start_factor is not None
+                                         or config.lr_end_factor):
+        raise MinicnnError("--lr-start-factor and --lr-end-factor need --schedule linear")
+    if config.whiten_bias_epochs is not None and config.stem != "whiten":
+        raise MinicnnError("--whiten-bias-epochs needs --stem whiten")
+    if config.flip_rule != "random" and not config.augment:
+        raise MinicnnError("--flip-rule needs flips: drop --no-augment")
+
+
 def run_train(args) -> int:
     out = Path(args.out or f"runs/{args.model or TrainConfig.model}_cifar10.npz")
     args.out = str(out)
@@ -185,6 +255,7 @@ def run_train(args) -> int:
                            f"{display(out / 'model.npz')}")
     _check_run_files(out, args.resume, args.force)
     config = _train_config(args)
+    check_train_config(config)
     check_config(config.model, config.model_config())      # before anything is created
     out.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(out.parent, os.W_OK):
@@ -205,7 +276,8 @@ def run_train(args) -> int:
         print(f"{display(out)} already holds all {config.epochs} epochs of this run; "
               "nothing to do")
         return 0
-    print(f"test accuracy {metadata['test_accuracy']:.2%}; saved {display(out)}")
+    where = "holdout" if config.holdout else "test"
+    print(f"{where} accuracy {metadata[where + '_accuracy']:.2%}; saved {display(out)}")
     return 0
 
 
@@ -241,13 +313,23 @@ def add_model_options(p, batch_size: int, json_help: str) -> None:
     add_kernels_option(p)
     p.add_argument("--batch-size", type=positive_int, default=batch_size)
     p.add_argument("--json", action="store_true", help=json_help)
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="average the logits of each image and its mirror image (default: as "
-                        "recorded in the weights file, on if the model was validated so)")
+    p.add_argument("--tta", nargs="?", const="flip", choices=augment.TTA_MODES, default=None,
+                   help="test-time augmentation: none, flip (the default of a bare --tta: the "
+                        "mean of the logits of each image and its mirror image) or "
+                        "flip-translate (airbench's six views); default: as recorded in the "
+                        "weights file. A bare --tta reads the next word as its mode: put it "
+                        "after the image files")
+    p.add_argument("--no-tta", dest="tta", action="store_const", const="none",
+                   help="no test-time augmentation (--tta none)")
 
 
-def use_tta(args, metadata: dict) -> bool:
-    return bool(metadata.get("tta", False)) if args.tta is None else args.tta
+def use_tta(args, metadata: dict) -> str:
+    """The TTA mode: --tta / --no-tta, else the weights file's (True there: "flip")."""
+    return augment.tta_mode(metadata.get("tta") if args.tta is None else args.tta)
+
+
+TTA_SHOWN = {"none": "", "flip": " (test-time flips)",
+             "flip-translate": " (test-time flips and 1-pixel translations)"}
 
 
 def load_requested_model(args):
@@ -292,8 +374,8 @@ def run_evaluate(args) -> int:
         print(json.dumps(result, allow_nan=False))
         return 0
     names = result["class_names"]
-    print(f"{display(weights)}: accuracy {result['accuracy']:.2%} on {result['n']:,} test images"
-          + (" (test-time flips)" if result["tta"] else ""))
+    print(f"{display(weights)}: accuracy {result['accuracy']:.2%} on {result['n']:,} test "
+          "images" + TTA_SHOWN[result["tta"]])
     for name, accuracy in result["per_class"].items():
         shown = "no test images" if accuracy is None else f"{accuracy:.2%}"
         print(f"  {name:<11} {shown}")

@@ -303,12 +303,24 @@ def random_flip(images, flip):
     return xp.where(flip[:, None, None, None], images[..., ::-1], images)
 
 
-def random_crop(images, offsets, padding: int):
-    """Pad by ``padding`` (zeros) and cut the original size at per-image offsets (N, 2)."""
+PAD_MODES = ("zeros", "reflect")
+
+
+def random_crop(images, offsets, padding: int, mode: str = "zeros"):
+    """Pad by ``padding`` and cut the original size at per-image offsets (N, 2): a random
+    translation by offset - padding. ``mode``: pad with zeros (black borders), or
+    "reflect": mirror the image at its edges without repeating the edge pixel
+    (numpy.pad's and PyTorch's "reflect"; airbench's translation)."""
     xp = backend.array_module(images)
     n, c, h, w = images.shape
-    padded = xp.zeros((n, c, h + 2 * padding, w + 2 * padding), dtype=images.dtype)
-    padded[:, :, padding:padding + h, padding:padding + w] = images
+    if mode == "reflect":
+        padded = xp.pad(images, ((0, 0), (0, 0), (padding, padding), (padding, padding)),
+                        mode="reflect")
+    elif mode == "zeros":
+        padded = xp.zeros((n, c, h + 2 * padding, w + 2 * padding), dtype=images.dtype)
+        padded[:, :, padding:padding + h, padding:padding + w] = images
+    else:
+        raise ValueError(f"pad mode must be one of {', '.join(PAD_MODES)}, got {mode!r}")
     rows = offsets[:, 0, None] + xp.arange(h)          # (N, H)
     cols = offsets[:, 1, None] + xp.arange(w)          # (N, W)
     batch = xp.arange(n)[:, None, None, None]

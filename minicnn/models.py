@@ -14,9 +14,10 @@ import inspect
 
 from minicnn import kernels
 from minicnn.errors import MinicnnError
+from minicnn.layers import (BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, PatchWhitening,
+                            ReLU, Scale, Sequential)
+from minicnn.layers.init import dirac_
 from minicnn.validation import describe, is_finite_number, is_whole
-from minicnn.layers import (BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Scale,
-                            Sequential)
 
 MODELS: dict = {}
 CONFIG_LIMITS = {"width": (1, 256), "num_classes": (1, 1000), "in_channels": (1, 64),
@@ -43,6 +44,13 @@ def check_config(name: str, config: dict) -> None:
     for key, value in config.items():
         default = signature.parameters[key].default
         low, high = CONFIG_LIMITS.get(key, (None, None))
+        if key == "widths" and value is not None:       # three block widths, each a width
+            low, high = CONFIG_LIMITS["width"]
+            if not (isinstance(value, (list, tuple)) and len(value) == 3
+                    and all(is_whole(v) and low <= v <= high for v in value)):
+                raise MinicnnError(f"bad config for model {name!r}: widths must be three whole "
+                                   f"numbers between {low} and {high}, got {describe(value)}")
+            continue
         if isinstance(default, bool):
             ok, kind = isinstance(value, bool), "true or false"
         elif isinstance(default, int):
@@ -86,38 +94,62 @@ def lenet(num_classes: int = 10, in_channels: int = 3) -> Sequential:
     )
 
 
-def _conv_block(in_channels: int, out_channels: int, bn_momentum: float) -> list:
-    """conv3x3 -> maxpool 2 -> BN -> ReLU -> conv3x3 -> BN -> ReLU (pooling early is cheaper)."""
+def _conv_block(in_channels: int, out_channels: int, bn: dict, dirac: bool) -> list:
+    """conv3x3 -> maxpool 2 -> BN -> ReLU -> conv3x3 -> BN -> ReLU (pooling early is cheaper).
+    ``bn``: BatchNorm2d's momentum and eps; ``dirac``: identity init of both convs."""
+    convs = [Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+             Conv2d(out_channels, out_channels, 3, padding=1, bias=False)]
+    if dirac:
+        for conv in convs:
+            dirac_(conv.params["weight"])
     return [
-        Conv2d(in_channels, out_channels, 3, padding=1, bias=False), MaxPool2d(2),
-        BatchNorm2d(out_channels, momentum=bn_momentum, weight=False), ReLU(),
-        Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-        BatchNorm2d(out_channels, momentum=bn_momentum, weight=False), ReLU(),
+        convs[0], MaxPool2d(2), BatchNorm2d(out_channels, weight=False, **bn), ReLU(),
+        convs[1], BatchNorm2d(out_channels, weight=False, **bn), ReLU(),
     ]
+
+
+STEMS = ("conv", "whiten")
 
 
 @register("airnet")
 def airnet(width: int = 32, num_classes: int = 10, in_channels: int = 3,
-           bn_momentum: float = 0.2) -> Sequential:
+           bn_momentum: float = 0.2, widths=None, stem: str = "conv", bn_eps: float = 1e-5,
+           dirac: bool = False) -> Sequential:
     """A small fast net after the airbench speed records (Keller Jordan, 2024).
 
-    A 2x2 stem conv (3 -> 24 channels, 32x32 -> 31x31), then three blocks of
+    A 2x2 stem (3 -> 24 channels, 32x32 -> 31x31), then three blocks of
     conv3x3 -> maxpool 2 -> BN -> ReLU -> conv3x3 -> BN -> ReLU with widths
-    (width, 4*width, 4*width) at 15x15, 7x7 and 3x3, a global max-pool, and
-    a linear layer whose logits are scaled by 1/9. width=64 is airbench94's
-    size. The BatchNorm layers learn a shift only (their scale stays 1), the
-    convolutions have no bias (BN's shift replaces it).
+    (width, 4*width, 4*width), or ``widths`` given as three numbers, at 15x15,
+    7x7 and 3x3, a global max-pool, and a linear layer whose logits are scaled by
+    1/9. width=64 is airbench94's size, widths=(64, 128, 128) airbench93's. The
+    BatchNorm layers learn a shift only (their scale stays 1), the convolutions
+    have no bias (BN's shift replaces it).
+
+    stem: "conv", a learned 2x2 conv followed by BN and ReLU; or "whiten", airbench's
+    fixed patch-whitening conv (layers/whitening.py, its filters set from the
+    training images before training) with a bias, then ReLU. dirac: identity init
+    of the blocks' convs (layers/init.py), as airbench.
     """
-    if width < 1:
+    if widths is None and width < 1:
         raise ValueError(f"width must be >= 1, got {width}")
-    widths = (width, 4 * width, 4 * width)
-    stem = 24
+    widths = (width, 4 * width, 4 * width) if widths is None else tuple(widths)
+    if len(widths) != 3 or min(widths) < 1:
+        raise ValueError(f"widths must be three numbers >= 1, got {list(widths)}")
+    if stem not in STEMS:
+        raise ValueError(f"stem must be one of {', '.join(STEMS)}, got {stem!r}")
+    bn = {"momentum": bn_momentum, "eps": bn_eps}
+    if stem == "whiten":
+        whitening = PatchWhitening(in_channels, 2)
+        stem_layers, stem_width = [whitening, ReLU()], whitening.out_channels
+    else:
+        stem_width = 24
+        stem_layers = [Conv2d(in_channels, stem_width, 2, bias=False),
+                       BatchNorm2d(stem_width, weight=False, **bn), ReLU()]
     return Sequential(
-        Conv2d(in_channels, stem, 2, bias=False),
-        BatchNorm2d(stem, momentum=bn_momentum, weight=False), ReLU(),
-        *_conv_block(stem, widths[0], bn_momentum),
-        *_conv_block(widths[0], widths[1], bn_momentum),
-        *_conv_block(widths[1], widths[2], bn_momentum),
+        *stem_layers,
+        *_conv_block(stem_width, widths[0], bn, dirac),
+        *_conv_block(widths[0], widths[1], bn, dirac),
+        *_conv_block(widths[1], widths[2], bn, dirac),
         MaxPool2d(3), Flatten(),
         Linear(widths[2], num_classes, bias=False), Scale(1 / 9),
     )

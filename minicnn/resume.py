@@ -25,6 +25,7 @@ killed between the two writes) is written again from the resume point.
 
 from __future__ import annotations
 
+import glob
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ from minicnn.validation import Record, check_history
 
 RESUME_FORMAT = "minicnn-resume"
 RESUME_VERSION = 1
-MODEL_PREFIX, VELOCITY_PREFIX = "model/", "velocity/"
+MODEL_PREFIX, VELOCITY_PREFIX, LOOKAHEAD_PREFIX = "model/", "velocity/", "lookahead/"
 
 
 def resume_path(out: Path) -> Path:
@@ -46,8 +47,11 @@ def resume_path(out: Path) -> Path:
 
 
 def run_files(out: Path) -> list[Path]:
-    """Every file a run with --out ``out`` writes (the overwrite check covers them all)."""
-    return [Path(out), resume_path(out)]
+    """Every file a run with --out ``out`` writes (the overwrite check covers them all):
+    the two above, and the NAME.epochNNN.npz of --keep-epoch-weights that are there."""
+    out = Path(out)
+    kept = sorted(out.parent.glob(f"{glob.escape(out.stem)}.epoch[0-9][0-9][0-9].npz"))
+    return [out, resume_path(out), *kept]
 
 
 def new_run_id() -> str:
@@ -71,6 +75,7 @@ class ResumePoint:
     replaces: str | None = None
     model: dict = field(default_factory=dict)        # {name: array}, as model.state_dict()
     velocity: dict = field(default_factory=dict)     # {name: array}, as SGD.state_dict()
+    lookahead: dict = field(default_factory=dict)    # {name: array}, as Lookahead.state_dict()
 
     def metadata(self) -> dict:
         return {"format": RESUME_FORMAT, "format_version": RESUME_VERSION,
@@ -83,6 +88,7 @@ class ResumePoint:
 def write_resume_point(path: Path, point: ResumePoint) -> None:
     arrays = {MODEL_PREFIX + k: v for k, v in point.model.items()}
     arrays.update({VELOCITY_PREFIX + k: v for k, v in point.velocity.items()})
+    arrays.update({LOOKAHEAD_PREFIX + k: v for k, v in point.lookahead.items()})
     write_npz_atomic(path, arrays, point.metadata())
 
 
@@ -150,11 +156,16 @@ def read_resume_point(path: Path, model, out: Path, steps_per_epoch: int) -> Res
                   for n, m, k in model.named_parameters()}
         velocity = {n: params[n] for n in npz.names() if n.startswith(VELOCITY_PREFIX)
                     and n in params}
-        arrays = npz.arrays({**shapes, **velocity})
+        average = {LOOKAHEAD_PREFIX + n.removeprefix(MODEL_PREFIX): shape
+                   for n, shape in shapes.items()}
+        lookahead = {n: average[n] for n in npz.names() if n in average}
+        arrays = npz.arrays({**shapes, **velocity, **lookahead})
     point.model = {n.removeprefix(MODEL_PREFIX): a for n, a in arrays.items()
                    if n.startswith(MODEL_PREFIX)}
     point.velocity = {n.removeprefix(VELOCITY_PREFIX): a for n, a in arrays.items()
                       if n.startswith(VELOCITY_PREFIX)}
+    point.lookahead = {n.removeprefix(LOOKAHEAD_PREFIX): a for n, a in arrays.items()
+                       if n.startswith(LOOKAHEAD_PREFIX)}
     return point
 
 

@@ -37,20 +37,23 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from minicnn import backend, data, kernels
+from minicnn import augment, backend, data, holdout, kernels
+from minicnn.averaging import Lookahead
 from minicnn.checkpoint import CheckpointError, load_parameters, model_header, save_model
-from minicnn.errors import MinicnnError
+from minicnn.errors import MinicnnError, ReplicaError
 from minicnn.files import display, remove_stray_temp_files, sha256
+from minicnn.layers.whitening import whitening_layers
 from minicnn.losses import SoftmaxCrossEntropy
-from minicnn.errors import ReplicaError
 from minicnn.models import MODELS, check_config
-from minicnn.optim import SCHEDULES, SGD, make_schedule, norm_and_bias_names
+from minicnn.optim import (SCHEDULES, SGD, ParamGroup, batchnorm_names, make_schedule,
+                           norm_and_bias_names)
 from minicnn.resume import (ResumePoint, check_published, new_run_id, read_resume_point,
                             resume_path, run_files, write_resume_point)
 from minicnn.validation import Record
 
 PROGRESS_EVERY = 20   # steps between reads of the running loss (one host sync each)
 MAX_CROP_PADDING = 16  # half the image: larger paddings give crops of mostly zeros
+WHITENING_IMAGES = 5000   # training images the whitening stem's filters are computed from
 
 
 @dataclass
@@ -69,14 +72,40 @@ class TrainConfig:
     decay_norm_and_bias: bool = True   # False: weight decay skips biases and BatchNorm
     augment: bool = True          # random horizontal flips
     crop_padding: int = 0         # random crops after padding by this much (0: off)
-    tta: bool = False             # also test with flipped images (averaged logits) at the end
+    tta: str = "none"             # also test with TTA at the end: augment.TTA_MODES
     width: int | None = None      # the model's width option, for models that have one
     seed: int = 0
     limit: int | None = None      # use only the first N training images
+    # The model's other options, for models that have them (None: the model's default)
+    widths: list | None = None    # airnet: the three blocks' widths
+    stem: str | None = None       # airnet: "conv" or "whiten" (patch whitening)
+    dirac: bool | None = None     # airnet: identity init of the blocks' convs
+    bn_momentum: float | None = None
+    bn_eps: float | None = None
+    # airbench's recipe (docs/accuracy.md); the defaults leave each piece off
+    flip_rule: str = "random"     # with augment: "random" or "alternating" (augment.py)
+    crop_mode: str = "zeros"      # how crops pad: "zeros" or "reflect"
+    lr_start_factor: float | None = None  # linear schedule: lr * this at step 0 (None: 1/25)
+    lr_end_factor: float = 0.0    # linear schedule: lr * this at the end
+    norm_lr_scale: float = 1.0    # BatchNorm parameters' lr times this, their decay / this
+    whiten_bias_epochs: int | None = None  # the whitening stem's bias trains this many epochs
+    lookahead: bool = False       # lookahead averaging of the weights (averaging.py)
+    lookahead_every: int = 5      # steps between its pulls
+    lookahead_start_epoch: int = 3  # the epoch (from 0) it starts in
+    holdout: int = 0              # hold out N training images and evaluate on them, not test
+    holdout_seed: int = 0         # the hold-out split's own seed (holdout.py)
+    eval_each_epoch: bool = True  # False: evaluate after the last epoch only
+    keep_epoch_weights: bool = False  # also keep each epoch's weights (NAME.epochNNN.npz)
+
+    MODEL_OPTIONS = ("width", "widths", "stem", "dirac", "bn_momentum", "bn_eps")
+
+    def __post_init__(self):
+        self.tta = augment.tta_mode(self.tta)       # True/False in runs saved before the modes
 
     def model_config(self) -> dict:
-        """Keyword arguments for build_model(self.model, ...)."""
-        return {} if self.width is None else {"width": self.width}
+        """Keyword arguments for build_model(self.model, ...): the model options set."""
+        return {name: getattr(self, name) for name in self.MODEL_OPTIONS
+                if getattr(self, name) is not None}
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> TrainConfig:
@@ -91,9 +120,31 @@ class TrainConfig:
             schedule=r.string("schedule", choices=SCHEDULES), warmup=r.number("warmup", 0, 1),
             label_smoothing=r.number("label_smoothing", 0, 1),
             decay_norm_and_bias=r.boolean("decay_norm_and_bias"), augment=r.boolean("augment"),
-            crop_padding=r.integer("crop_padding", 0, MAX_CROP_PADDING), tta=r.boolean("tta"),
+            crop_padding=r.integer("crop_padding", 0, MAX_CROP_PADDING),
+            tta=r.field("tta", lambda v: isinstance(v, bool) or v in augment.TTA_MODES,
+                        "true, false or one of " + ", ".join(augment.TTA_MODES)),
             width=r.integer("width", 1, none_ok=True), seed=r.integer("seed", 0),
-            limit=r.integer("limit", 1, none_ok=True))
+            limit=r.integer("limit", 1, none_ok=True),
+            # the options added with airbench's recipe: absent in runs saved before them
+            widths=r.field("widths", lambda v: isinstance(v, list), "a list",
+                           default=None, none_ok=True),
+            stem=r.string("stem", default=None, none_ok=True),
+            dirac=r.boolean("dirac", default=None, none_ok=True),
+            bn_momentum=r.number("bn_momentum", 0, 1, default=None, none_ok=True),
+            bn_eps=r.number("bn_eps", 0, 1, default=None, none_ok=True),
+            flip_rule=r.string("flip_rule", choices=augment.FLIP_RULES, default="random"),
+            crop_mode=r.string("crop_mode", choices=data.PAD_MODES, default="zeros"),
+            lr_start_factor=r.number("lr_start_factor", 0, default=None, none_ok=True),
+            lr_end_factor=r.number("lr_end_factor", 0, default=0.0),
+            norm_lr_scale=r.number("norm_lr_scale", 0, default=1.0),
+            whiten_bias_epochs=r.integer("whiten_bias_epochs", 0, default=None, none_ok=True),
+            lookahead=r.boolean("lookahead", default=False),
+            lookahead_every=r.integer("lookahead_every", 1, default=5),
+            lookahead_start_epoch=r.integer("lookahead_start_epoch", 0, default=3),
+            holdout=r.integer("holdout", 0, default=0),
+            holdout_seed=r.integer("holdout_seed", 0, default=0),
+            eval_each_epoch=r.boolean("eval_each_epoch", default=True),
+            keep_epoch_weights=r.boolean("keep_epoch_weights", default=False))
         if config.nesterov and config.momentum == 0:
             raise MinicnnError(f"{source}: Nesterov momentum needs momentum > 0 (--nesterov "
                                "needs --momentum)")
@@ -121,21 +172,19 @@ class NonFiniteOutputs(MinicnnError):
 # --- evaluation --------------------------------------------------------------------
 
 def predict_logits(model, images_uint8, normalization: dict, batch_size: int = 1000,
-                   tta: bool = False):
+                   tta="none"):
     """Logits (N, K) on the backend for uint8 images (N, 3, H, W) on the backend.
 
-    tta (test-time augmentation): the mean of the logits of each image and of
-    its mirror image, two forward passes.
+    tta (test-time augmentation, minicnn.augment): "none"; "flip" (or True), the
+    mean of the logits of each image and of its mirror image, two forward passes;
+    "flip-translate", airbench's six views with 1-pixel translations.
     """
     xp = backend.xp
     model.eval()
     outputs = []
     for start, stop in data.batch_slices(len(images_uint8), batch_size):
         x = data.normalize(images_uint8[start:stop], normalization["mean"], normalization["std"])
-        logits = model.forward(x)
-        if tta:
-            logits += model.forward(xp.ascontiguousarray(x[..., ::-1]))
-            logits *= 0.5
+        logits = augment.tta_logits(model, x, tta)
         if not bool(xp.isfinite(logits).all()):
             raise NonFiniteOutputs("the model's outputs are NaN or infinite (its weights are "
                                    "too large for float32, or not those of a trained model)")
@@ -144,8 +193,9 @@ def predict_logits(model, images_uint8, normalization: dict, batch_size: int = 1
 
 
 def evaluate(model, dataset: data.Dataset, normalization: dict, batch_size: int = 1000,
-             tta: bool = False) -> dict:
-    """Accuracy, per-class accuracy and confusion matrix (rows: true, columns: predicted)."""
+             tta="none") -> dict:
+    """Accuracy, per-class accuracy and confusion matrix (rows: true, columns: predicted);
+    "tta": the test-time augmentation used (predict_logits)."""
     xp = backend.xp
     k = len(dataset.class_names)
     images = backend.to_device(dataset.images)
@@ -165,7 +215,7 @@ def evaluate(model, dataset: data.Dataset, normalization: dict, batch_size: int 
         "confusion": confusion.tolist(),
         "class_names": list(dataset.class_names),
         "n": n,
-        "tta": tta,
+        "tta": augment.tta_mode(tta),
     }
 
 
@@ -176,8 +226,41 @@ def _augmented_batch(images, plan: data.EpochPlan, index, config: TrainConfig):
     if config.augment:
         x = data.random_flip(x, plan.flip[index])
     if config.crop_padding:
-        x = data.random_crop(x, plan.offsets[index], config.crop_padding)
+        x = data.random_crop(x, plan.offsets[index], config.crop_padding, config.crop_mode)
     return data.normalize(x)
+
+
+def _plan_epoch(n: int, config: TrainConfig, epoch: int) -> data.EpochPlan:
+    plan = data.plan_epoch(n, config.seed, epoch, crop_padding=config.crop_padding)
+    if config.flip_rule == "alternating":
+        plan.flip = augment.alternating_flips(n, config.seed, epoch)
+    return plan
+
+
+def make_optimizer(model, config: TrainConfig) -> SGD:
+    """SGD as the config says: decay skipped for biases and BatchNorm unless
+    decay_norm_and_bias, and BatchNorm's parameters in a group of their own when
+    norm_lr_scale is set (lr times it, weight decay divided by it: the same
+    shrinkage lr * wd per step as the others, as airbench)."""
+    skip_decay = () if config.decay_norm_and_bias else norm_and_bias_names(model)
+    groups = []
+    if config.norm_lr_scale != 1.0:
+        groups.append(ParamGroup(frozenset(batchnorm_names(model)), config.norm_lr_scale,
+                                 config.weight_decay / config.norm_lr_scale))
+    return SGD(model, config.lr, config.momentum, config.nesterov, config.weight_decay,
+               skip_decay, groups)
+
+
+def _freeze_whitening_biases(model, config: TrainConfig, epoch: int) -> None:
+    """From epoch whiten_bias_epochs on, the whitening stem's bias stops training; the
+    layers after it then need no input gradient either (set_needs_input_grad)."""
+    layers = whitening_layers(model)
+    if config.whiten_bias_epochs is None or epoch < config.whiten_bias_epochs or not any(
+            layer.bias_trainable for layer in layers):
+        return
+    for layer in layers:
+        layer.freeze_bias()
+    model.set_needs_input_grad(False)
 
 
 class StopRequest:
@@ -242,11 +325,12 @@ class EpochTotals:
 
 def train_epoch(step_fn, optimizer, schedule, images, labels, plan, config,
                 epoch: int, first_step: int, steps_per_epoch: int, bar_settings: dict,
-                stop: StopRequest) -> tuple[EpochTotals, int]:
+                stop: StopRequest, lookahead: Lookahead | None = None
+                ) -> tuple[EpochTotals, int]:
     """Run the steps of one epoch from ``first_step``; return the totals and the
     number of steps done in this epoch (fewer than steps_per_epoch if stopped).
     ``step_fn(x, labels) -> (loss, logits)``: forward, loss and backward
-    (:func:`training_step`).
+    (:func:`training_step`); ``lookahead`` follows every step.
 
     Raises TrainingDiverged for a loss that is not finite (before that step's update;
     on the GPU it is read every PROGRESS_EVERY steps), and ReplicaError with the
@@ -272,6 +356,8 @@ def train_epoch(step_fn, optimizer, schedule, images, labels, plan, config,
                                        f"step {step + 1}")
             optimizer.lr = schedule(epoch * steps_per_epoch + step)
             optimizer.step()
+            if lookahead is not None:
+                lookahead.after_step(optimizer.model, epoch, epoch * steps_per_epoch + step + 1)
             totals.loss_sum += loss * (stop_index - start)
             totals.correct += (logits.argmax(axis=1) == t).sum()
             totals.seen += stop_index - start
@@ -294,31 +380,44 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
     if a resumed run had nothing left to do. Raises TrainingInterrupted after
     saving when stopped with Ctrl-C or SIGTERM, TrainingDiverged (nothing saved
     after the last finite step) when the loss or the weights stop being finite.
+    With config.holdout, ``test`` is not used: the held-out training images
+    (minicnn.holdout) are evaluated instead, and the results are named
+    "holdout_..." instead of "test_...".
     """
     config = config.checked()
     out = Path(out)
     model_header(model)         # a model that cannot be saved fails now, not after an epoch
     resume_file = resume_path(out)
+    evaluated_on = "test"
+    if config.holdout:
+        train, test = holdout.split(train, config.holdout, config.holdout_seed)
+        evaluated_on = "holdout"
+    accuracy_key = f"{evaluated_on}_accuracy"
     train = train.subset(config.limit)
     n = len(train)
     steps_per_epoch = math.ceil(n / config.batch_size)
-    schedule = make_schedule(config.schedule, config.lr, config.epochs * steps_per_epoch,
-                             warmup_fraction=config.warmup)
-    skip_decay = () if config.decay_norm_and_bias else norm_and_bias_names(model)
-    optimizer = SGD(model, config.lr, config.momentum, config.nesterov, config.weight_decay,
-                    skip_decay)
+    total_steps = config.epochs * steps_per_epoch
+    schedule = make_schedule(config.schedule, config.lr, total_steps,
+                             warmup_fraction=config.warmup, start_factor=config.lr_start_factor,
+                             end_factor=config.lr_end_factor)
+    optimizer = make_optimizer(model, config)
+    lookahead = (Lookahead(total_steps, config.lookahead_start_epoch, config.lookahead_every)
+                 if config.lookahead else None)
     criterion = SoftmaxCrossEntropy(config.label_smoothing)
     normalization = {"mean": list(data.CIFAR10_MEAN), "std": list(data.CIFAR10_STD)}
     for path in run_files(out):
         remove_stray_temp_files(path)          # left by a process killed while it saved
 
+    whitening_seconds = 0.0
     if resume:
-        point = _restore(model, optimizer, config, out, n, steps_per_epoch, log)
+        point = _restore(model, optimizer, lookahead, config, out, n, steps_per_epoch, log)
         log(f"resuming {display(out)} at epoch {point.epoch + 1}, step {point.step}")
     else:
         point = ResumePoint(run_id=new_run_id(), weights_file=out.name, epoch=0, step=0,
                             elapsed=0.0, config=asdict(config), train_images=n, history=[],
                             replaces=sha256(out) if out.is_file() else None)
+        if whitening_layers(model):
+            whitening_seconds = _fit_whitening(model, train, log)
     saved_any = resume                         # is there a resume point of this run on disk?
     history = point.history
     start_epoch, start_step = point.epoch, point.step
@@ -349,6 +448,7 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
                 raise diverged(f"{name} became NaN or infinite by {when}")
         point.epoch, point.step, point.elapsed = epoch, step, elapsed
         point.model, point.velocity = model.state_dict(), optimizer.state_dict()
+        point.lookahead = lookahead.state_dict() if lookahead is not None else {}
         if published is not None:
             point.published = published
         try:
@@ -356,12 +456,14 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
             saved_any = True
             if published is not None:
                 save_model(model, out, **published)
+                if config.keep_epoch_weights:
+                    save_model(model, epoch_weights_path(out, epoch), **published)
         except OSError as exc:
             raise CheckpointError(f"cannot save the checkpoint at {when} ("
                                   f"{exc.strerror or exc}); what is on disk is the last "
                                   "checkpoint that was saved") from None
 
-    elapsed = point.elapsed
+    elapsed = point.elapsed + whitening_seconds
     metadata = {}
     with StopRequest() as stop, input_gradients_off(model), \
             training_step(model, criterion) as step_fn:
@@ -370,7 +472,8 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
                                       + ("the resume point is unchanged" if resume
                                          else "nothing was written"))
         for epoch in range(start_epoch, config.epochs):
-            plan = data.plan_epoch(n, config.seed, epoch, crop_padding=config.crop_padding)
+            _freeze_whitening_biases(model, config, epoch)
+            plan = _plan_epoch(n, config, epoch)
             first = start_step if epoch == start_epoch else 0
             bar_settings = {"desc": f"epoch {epoch + 1}/{config.epochs}", "unit": "batch",
                             "leave": False, "disable": not progress, "dynamic_ncols": True}
@@ -378,7 +481,7 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
             try:
                 totals, step = train_epoch(step_fn, optimizer, schedule, images, labels,
                                            plan, config, epoch, first, steps_per_epoch,
-                                           bar_settings, stop)
+                                           bar_settings, stop, lookahead)
             except TrainingDiverged as exc:
                 raise diverged(str(exc)) from None
             except ReplicaError as exc:        # the state of the last finished step is intact
@@ -387,6 +490,8 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
                 raise MinicnnError(f"{exc}; saved the resume point after step {exc.step} of "
                                    f"epoch {epoch + 1}: run again with --resume to "
                                    "continue") from None
+            if step == steps_per_epoch and lookahead is not None:
+                lookahead.end_epoch(model)     # the averaged weights are evaluated and saved
             train_seconds = time.perf_counter() - epoch_start
             elapsed += train_seconds
             if step < steps_per_epoch:          # stopped by a signal between two steps
@@ -395,8 +500,10 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
                     f"interrupted in epoch {epoch + 1} after {step} steps; saved the resume "
                     f"point {display(resume_file)} ({display(out)} keeps the last complete "
                     "epoch); run again with --resume to continue")
+            last = epoch + 1 == config.epochs
             try:
-                result = evaluate(model, test, normalization)
+                result = (evaluate(model, test, normalization)
+                          if config.eval_each_epoch or last else None)
             except NonFiniteOutputs as exc:
                 raise diverged(f"{exc} after epoch {epoch + 1}") from None
             model.train()
@@ -405,7 +512,7 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
                 "epoch": epoch + 1,
                 "train_loss": float(totals.loss_sum) / max(seen, 1),
                 "train_accuracy": float(totals.correct) / max(seen, 1),
-                "test_accuracy": result["accuracy"],
+                accuracy_key: result["accuracy"] if result else None,
                 "lr": optimizer.lr,
                 "seconds": round(train_seconds, 2),
                 "images_per_second": round(seen / train_seconds, 1),
@@ -413,19 +520,23 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
             h = history[-1]
             if not math.isfinite(h["train_loss"]):     # on the GPU a NaN between two reads
                 raise diverged(f"the loss became {h['train_loss']} in epoch {epoch + 1}")
-            metrics = {"test_per_class": result["per_class"], "tta": False}
-            if config.tta and epoch + 1 == config.epochs:
-                flipped = evaluate(model, test, normalization, tta=True)
+            metrics = {f"{evaluated_on}_per_class": result["per_class"] if result else None,
+                       "tta": "none"}
+            if config.holdout:
+                metrics["holdout"] = {"images": config.holdout, "seed": config.holdout_seed}
+            if config.tta != "none" and last:
+                augmented = evaluate(model, test, normalization, tta=config.tta)
                 model.train()
-                h["test_accuracy_tta"] = flipped["accuracy"]
-                metrics = {"test_per_class": flipped["per_class"], "tta": True,
-                           "test_accuracy": flipped["accuracy"],
-                           "test_accuracy_plain": result["accuracy"]}
+                h[f"{accuracy_key}_tta"] = augmented["accuracy"]
+                metrics |= {f"{evaluated_on}_per_class": augmented["per_class"],
+                            "tta": config.tta, accuracy_key: augmented["accuracy"],
+                            f"{accuracy_key}_plain": result["accuracy"]}
+            shown = "" if result is None else f"  {evaluated_on} acc {h[accuracy_key]:.2%}"
+            if f"{accuracy_key}_tta" in h:
+                shown += f" (TTA {config.tta} {h[f'{accuracy_key}_tta']:.2%})"
             log(f"epoch {epoch + 1:>3}/{config.epochs}  loss {h['train_loss']:.4f}  "
-                f"train acc {h['train_accuracy']:.2%}  test acc {h['test_accuracy']:.2%}"
-                + (f" (with flips {h['test_accuracy_tta']:.2%})" if "test_accuracy_tta" in h
-                   else "")
-                + f"  {train_seconds:.1f}s ({h['images_per_second']:.0f} img/s)")
+                f"train acc {h['train_accuracy']:.2%}{shown}"
+                f"  {train_seconds:.1f}s ({h['images_per_second']:.0f} img/s)")
             metadata = {
                 "class_names": list(train.class_names),
                 "normalization": normalization,
@@ -433,7 +544,7 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
                              "backend": backend.name(), "train_seconds": round(elapsed, 1),
                              "train_images": n, "run_id": point.run_id,
                              "history": [dict(entry) for entry in history]},
-                "test_accuracy": h["test_accuracy"],
+                accuracy_key: h[accuracy_key],
                 **metrics,
             }
             save(epoch + 1, 0, metadata)
@@ -442,6 +553,23 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
                     f"interrupted after epoch {epoch + 1}; saved {display(out)}; "
                     "run again with --resume to continue")
     return metadata
+
+
+def epoch_weights_path(weights_path: Path, epoch: int) -> Path:
+    """Where keep_epoch_weights puts the weights after epoch ``epoch`` (1-based)."""
+    return weights_path.with_name(f"{weights_path.stem}.epoch{epoch:03d}.npz")
+
+
+def _fit_whitening(model, train: data.Dataset, log) -> float:
+    """Set the whitening stem's filters from the first WHITENING_IMAGES training images
+    (normalized, not augmented, as airbench); returns the seconds it took."""
+    started = time.perf_counter()
+    x = data.normalize(backend.to_device(train.images[:WHITENING_IMAGES]))
+    for layer in whitening_layers(model):
+        layer.fit_to(x)
+    seconds = time.perf_counter() - started
+    log(f"whitening filters set from {len(x):,} training images in {seconds:.1f}s")
+    return seconds
 
 
 @contextlib.contextmanager
@@ -460,10 +588,11 @@ def training_step(model, criterion):
     yield functools.partial(forward_backward, model, criterion)
 
 
-def _restore(model, optimizer: SGD, config: TrainConfig, out: Path, n: int,
-             steps_per_epoch: int, log) -> ResumePoint:
-    """Load the resume point of ``out`` into the model and optimizer, after checking that
-    it belongs to this run (minicnn.resume); write the weights file again if it lags."""
+def _restore(model, optimizer: SGD, lookahead: Lookahead | None, config: TrainConfig, out: Path,
+             n: int, steps_per_epoch: int, log) -> ResumePoint:
+    """Load the resume point of ``out`` into the model, optimizer and lookahead, after
+    checking that it belongs to this run (minicnn.resume); write the weights file again
+    if it lags."""
     path = resume_path(out)
     name = display(path)
     if not path.is_file():
@@ -485,6 +614,8 @@ def _restore(model, optimizer: SGD, config: TrainConfig, out: Path, n: int,
                               f"{sorted(expected - set(point.velocity))})")
     load_parameters(model, point.model, source=name)
     optimizer.load_state_dict({k: backend.to_device(v) for k, v in point.velocity.items()})
+    if lookahead is not None:
+        lookahead.load_state_dict(point.lookahead)
     if check_published(out, point):
         save_model(model, out, **point.published)
         log(f"wrote {display(out)} again from its resume point (epoch {point.epoch})")

@@ -224,8 +224,9 @@ def check_labels(layer, labels, n: int, classes: int) -> None:
 
 def check_history(entries, source: str, field: str = "history", error=MinicnnError) -> list:
     """A training history: a list with one JSON object per epoch, in order, each with
-    "epoch" (1, 2, ...), "train_loss" (>= 0), "train_accuracy" and "test_accuracy"
-    (0..1) as finite numbers; other keys are kept as they are."""
+    "epoch" (1, 2, ...), "train_loss" (>= 0) and "train_accuracy" (0..1) as finite
+    numbers, and "test_accuracy" or "holdout_accuracy" (0..1) where the epoch was
+    evaluated; other keys are kept as they are."""
     if not isinstance(entries, list):
         raise error(f"{source}: field {field} must be a list with one entry per epoch; "
                     f"got {describe(entries)}")
@@ -234,5 +235,6 @@ def check_history(entries, source: str, field: str = "history", error=MinicnnErr
         record.integer("epoch", index + 1, index + 1)
         record.number("train_loss", 0)
         record.number("train_accuracy", 0, 1)
-        record.number("test_accuracy", 0, 1)
+        for key in ("test_accuracy", "holdout_accuracy"):    # null: an epoch not evaluated
+            record.number(key, 0, 1, default=None, none_ok=True)
     return entries

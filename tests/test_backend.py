@@ -16,10 +16,11 @@ PACKAGE = Path(backend.__file__).parent
 # The backend is the only module that imports numpy or cupy for computing; the
 # I/O modules use numpy for host-side file formats (npz, pickled batches, images,
 # PyTorch's state dicts, ONNX initializers), study/figures.py for drawing host arrays
-# with matplotlib, and replicas.py for arrays in host shared memory (it runs on the
-# NumPy backend only).
+# with matplotlib, replicas.py for arrays in host shared memory (it runs on the NumPy
+# backend only), and holdout.py to split the data set on the host, where it is loaded,
+# before any backend.
 ALLOWED_NUMPY = {"backend.py", "data.py", "checkpoint.py", "images.py", "study/figures.py",
-                 "interop.py", "onnx_export.py", "fast/replicas.py"}
+                 "interop.py", "onnx_export.py", "fast/replicas.py", "holdout.py"}
 ALLOWED_CUPY = {"backend.py"}
 
 

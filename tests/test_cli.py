@@ -226,15 +226,48 @@ def test_evaluate_and_classify_follow_the_recorded_tta(tiny_cifar, images, tmp_p
                          test_accuracy=0.1, tta=True)
     common = ["evaluate", "--weights", str(weights), "--data-dir", str(tiny_cifar)]
     code, stdout, _ = run_cli([*common, "--json"], capsys)
-    assert code == 0 and json.loads(stdout)["tta"] is True
+    assert code == 0 and json.loads(stdout)["tta"] == "flip"     # a file from before the modes
     code, stdout, _ = run_cli([*common, "--json", "--no-tta"], capsys)
-    assert code == 0 and json.loads(stdout)["tta"] is False
+    assert code == 0 and json.loads(stdout)["tta"] == "none"
     code, stdout, _ = run_cli(common, capsys)
     assert "(test-time flips)" in stdout
     classify = ["classify", str(images["rgb"]), "--weights", str(weights), "--json"]
     with_flips = json.loads(run_cli(classify, capsys)[1])[0]["predictions"]
     without = json.loads(run_cli([*classify, "--no-tta"], capsys)[1])[0]["predictions"]
     assert with_flips != without
+
+
+def test_the_tta_mode_recorded_in_a_file_is_applied_and_can_be_overridden(
+        tiny_cifar, images, tmp_path, capsys):
+    weights = save_model(build_model("lenet"), tmp_path / "t.npz", class_names=list(CLASS_NAMES),
+                         normalization={"mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)},
+                         test_accuracy=0.1, tta="flip-translate")
+    common = ["evaluate", "--weights", str(weights), "--data-dir", str(tiny_cifar)]
+    code, stdout, _ = run_cli([*common, "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["tta"] == "flip-translate"
+    code, stdout, _ = run_cli([*common, "--json", "--tta"], capsys)      # bare --tta: flips
+    assert code == 0 and json.loads(stdout)["tta"] == "flip"
+    code, stdout, _ = run_cli(common, capsys)
+    assert "(test-time flips and 1-pixel translations)" in stdout
+    classify = ["classify", str(images["rgb"]), "--weights", str(weights), "--json"]
+    six = json.loads(run_cli(classify, capsys)[1])[0]["predictions"]
+    two = json.loads(run_cli([*classify, "--tta", "flip"], capsys)[1])[0]["predictions"]
+    assert six != two
+    assert json.loads(run_cli([*classify, "--tta"], capsys)[1])[0]["predictions"] == two
+
+
+def test_train_options_that_need_others_are_refused_in_one_line(tiny_cifar, tmp_path, capsys):
+    out = tmp_path / "new" / "m.npz"
+    for options, message in [
+            (["--model", "airnet", "--width", "4", "--widths", "4,8,8"], "--width or --widths"),
+            (["--model", "airnet", "--whiten-bias-epochs", "2"], "needs --stem whiten"),
+            (["--lr-end-factor", "0.1"], "need --schedule linear"),
+            (["--flip-rule", "alternating", "--no-augment"], "--flip-rule needs flips"),
+            (["--holdout", "100"], "--holdout must be between 1 and 99")]:
+        code, _, err = run_cli(["train", *options, "--out", str(out), "--epochs", "1",
+                                "--data-dir", str(tiny_cifar), "--no-progress"], capsys)
+        assert code == 1 and message in err and len(err.splitlines()) == 1, (options, err)
+        assert not out.exists()
 
 
 def test_a_width_for_a_model_without_one_is_refused_before_anything_is_written(

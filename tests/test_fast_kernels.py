@@ -428,12 +428,19 @@ def test_fast_sequential_backward_needs_a_forward_first():
 
 # --- whole models --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,config", [("lenet", {}), ("airnet", {"width": 4})])
+@pytest.mark.parametrize("name,config,frozen_stem", [
+    ("lenet", {}, False), ("airnet", {"width": 4}, False),
+    ("airnet", {"widths": [4, 8, 8], "stem": "whiten"}, False),
+    ("airnet", {"widths": [4, 8, 8], "stem": "whiten"}, True)])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_registered_models_match_the_reference(xp, threads, name, config, dtype):
-    """A training step (no dx, as fit() runs it) and inference, fast against reference."""
+def test_registered_models_match_the_reference(xp, threads, name, config, frozen_stem, dtype):
+    """A training step (no dx, as fit() runs it) and inference, fast against reference;
+    frozen_stem: the whitening stem's bias frozen, so the backward stops after block 1's
+    first conv (PatchWhitening itself has no fast kernel: it runs the reference)."""
     from minicnn import build_model
     reference = kernels.prepare(build_model(name, **config), "reference")
+    if frozen_stem:
+        reference.layers[0].freeze_bias()
     reference.astype(getattr(xp, dtype)).set_needs_input_grad(False)
     x = backend.make_rng(11).standard_normal((6, 3, 32, 32)).astype(dtype)
     expected = run(reference, x)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from minicnn import (BatchNorm2d, Conv2d, Flatten, GlobalAvgPool2d, Linear, MaxPool2d, ReLU,
-                     Residual, Scale, Sequential, SoftmaxCrossEntropy, backend, build_model,
-                     kernels)
+from minicnn import (BatchNorm2d, Conv2d, Flatten, GlobalAvgPool2d, Linear, MaxPool2d,
+                     PatchWhitening, ReLU, Residual, Scale, Sequential, SoftmaxCrossEntropy,
+                     backend, build_model, kernels)
+from minicnn.layers.whitening import whitening_layers
 from minicnn.gradcheck import check_loss, check_module
 
 TOLERANCE = 1e-7
@@ -158,6 +159,54 @@ def test_residual_block(xp):
     block = Residual(Conv2d(2, 2, 3, padding=1, bias=False), BatchNorm2d(2), ReLU(),
                      Conv2d(2, 2, 3, padding=1, bias=False), BatchNorm2d(2))
     assert_gradients_ok(block, randn((2, 2, 5, 5)))
+
+
+def fitted_whitening(xp, seed=4):
+    """A PatchWhitening whose filters are set from random images, in float64, with a
+    random bias (it starts at 0)."""
+    layer = PatchWhitening(3, 2)
+    layer.fit_to(randn((6, 3, 8, 8), seed) * xp.asarray([1.0, 2.0, 0.5])[:, None, None])
+    layer.astype(xp.float64)
+    layer.params["bias"] = randn(layer.params["bias"].shape, seed + 1)
+    return layer
+
+
+def test_patch_whitening(xp):
+    """dx and the bias's gradient; the fixed filters have none (they are a buffer)."""
+    layer = fitted_whitening(xp)
+    assert parameter_names(layer) == {"bias"}
+    assert_gradients_ok(layer, randn((2, 3, 5, 6)))
+
+
+def test_patch_whitening_with_its_bias_frozen(xp):
+    layer = fitted_whitening(xp)
+    layer.freeze_bias()
+    assert parameter_names(layer) == set() and set(layer.buffers) == {"weight", "bias"}
+    assert_gradients_ok(layer, randn((2, 3, 5, 6)))
+    assert layer.grads == {}
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["bias-trained", "bias-frozen"])
+def test_airnet_with_the_whitening_stem_as_trained(xp, frozen):
+    """The airbench93 layout (whitening stem, shift-only BatchNorm) end to end, without
+    dx as in training. With the stem's bias frozen nothing before the first block conv
+    learns: that conv computes no dx and backward stops there. (Not with the dirac
+    init: its identity filters copy ReLU's exact zeros into max-pool windows, whose
+    ties finite differences cannot take; the init changes no formula.)"""
+    model = build_model("airnet", widths=[2, 8, 8], stem="whiten")
+    model.astype(xp.float64)
+    x = randn((2, 3, 32, 32))
+    stem = whitening_layers(model)[0]
+    stem.fit_to(x)
+    stem.params["bias"] = randn(24, 5) * 0.1
+    if frozen:
+        stem.freeze_bias()
+    model.set_needs_input_grad(False)
+    assert model[2].needs_input_grad is not frozen          # the first block conv
+    errors = check_module(model, x, max_entries=30, input_grad=False)
+    assert set(errors) == parameter_names(model)
+    assert ("0.bias" in errors) is not frozen
+    assert max(errors.values()) < 1e-6, errors
 
 
 def test_residual_rejects_a_shape_change():

@@ -129,3 +129,62 @@ def test_buffers_are_saved_and_loaded(tmp_path):
     loaded, _ = load_model(tmp_path / "a.npz")
     for name, value in model.state_dict().items():
         np.testing.assert_array_equal(loaded.state_dict()[name], value)
+
+
+def test_airnet_options_of_the_airbench_recipe(tmp_path):
+    """widths, the whitening stem, dirac init and BatchNorm's settings; saved in the config
+    and rebuilt from it, the whitening filters and a frozen bias included."""
+    from minicnn import PatchWhitening, load_model, save_model
+    model = build_model("airnet", widths=[8, 16, 12], stem="whiten", dirac=True,
+                        bn_momentum=0.4, bn_eps=1e-12)
+    convs = [layer for layer in model.layers if isinstance(layer, Conv2d)]
+    assert isinstance(convs[0], PatchWhitening) and model.layers[1].layer_name() == "ReLU"
+    assert [c.out_channels for c in convs] == [24, 8, 8, 16, 16, 12, 12]
+    assert all(m.momentum == 0.4 and m.eps == 1e-12 for _, m in model.modules()
+               if m.layer_name() == "BatchNorm2d")
+    for conv in convs[1:]:                 # the first min(in, out) filters copy their channel
+        weight = conv.params["weight"]
+        for i in range(min(conv.in_channels, conv.out_channels)):
+            expected = np.zeros(weight.shape[1:], np.float32)
+            expected[i, 1, 1] = 1
+            np.testing.assert_array_equal(weight[i], expected)
+    assert np.abs(convs[3].params["weight"][8:]).max() > 0     # the rest stay random
+    convs[0].fit_to(backend.make_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32))
+    convs[0].params["bias"] += 0.5
+    convs[0].freeze_bias()
+    assert model.num_parameters() == sum(
+        int(v.size) for k, v in model.state_dict().items()
+        if k not in ("0.weight", "0.bias") and "running" not in k)
+    save_model(model, tmp_path / "a.npz")
+    loaded, card = load_model(tmp_path / "a.npz")
+    assert card["config"] == {"widths": [8, 16, 12], "stem": "whiten", "dirac": True,
+                              "bn_momentum": 0.4, "bn_eps": 1e-12}
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(loaded.state_dict()[name], value)
+    with pytest.raises(MinicnnError, match="widths must be three"):
+        build_model("airnet", widths=[8, 16])
+    with pytest.raises(MinicnnError, match="stem must be"):
+        build_model("airnet", stem="patch")
+
+
+def test_layers_after_a_frozen_stem_skip_their_input_gradient():
+    """Nothing before the first learning layer needs a gradient: it returns no dx, the
+    backward stops there, and the parameters' gradients are those of a full backward."""
+    from minicnn import PatchWhitening
+    model = build_model("airnet", widths=[4, 8, 8], stem="whiten")
+    x = backend.make_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    model.forward(x)
+    full_dx = model.backward(np.ones((2, 10), np.float32))
+    expected = {name: m.grads[k].copy() for name, m, k in model.named_parameters()
+                if name != "0.bias"}
+    assert full_dx.shape == x.shape
+    stem = model.layers[0]
+    assert isinstance(stem, PatchWhitening)
+    stem.freeze_bias()
+    model.set_needs_input_grad(False)
+    assert [layer.needs_input_grad for layer in model.layers[:4]] == [False, False, False, True]
+    model.forward(x)
+    assert model.backward(np.ones((2, 10), np.float32)) is None
+    for name, m, k in model.named_parameters():
+        np.testing.assert_array_equal(m.grads[k], expected[name])
+    assert stem.grads == {}

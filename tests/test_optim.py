@@ -98,3 +98,45 @@ def test_weight_decay_skips_biases_and_batchnorm():
     np.testing.assert_allclose(after["0.weight"], before["0.weight"] * 0.95)
     for name in [*skip, "1.running_mean", "1.running_var"]:
         np.testing.assert_array_equal(after[name], before[name])
+
+
+def test_parameter_groups_scale_the_lr_and_set_their_decay():
+    """airbench's BatchNorm group: lr * 64, decay / 64, so lr * wd (the shrinkage per
+    step) is the same as the others'."""
+    from minicnn import BatchNorm2d, Sequential
+    from minicnn.optim import ParamGroup, batchnorm_names
+    model = Sequential(Linear(2, 3, bias=False), BatchNorm2d(3))
+    assert batchnorm_names(model) == ["1.weight", "1.bias"]
+    group = ParamGroup(frozenset(["1.bias"]), lr_scale=64.0, weight_decay=0.01 / 64)
+    opt = SGD(model, lr=0.1, weight_decay=0.01, groups=[group])
+    assert opt.settings("1.bias") == (pytest.approx(6.4), pytest.approx(0.01 / 64))
+    assert opt.settings("0.weight") == (0.1, 0.01)
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    for _, module, key in model.named_parameters():
+        module.grads[key] = np.ones_like(module.params[key])
+    opt.step()
+    after = model.state_dict()
+    np.testing.assert_allclose(after["0.weight"], before["0.weight"] - 0.1 * (1 + 0.01 * before["0.weight"]),
+                               rtol=1e-6)
+    np.testing.assert_allclose(after["1.bias"], -6.4 * 1, rtol=1e-6)        # beta started at 0
+    np.testing.assert_allclose(after["1.weight"], 1 - 0.1 * (1 + 0.01), rtol=1e-6)
+    skip = SGD(model, lr=0.1, weight_decay=0.01, skip_decay=["1.bias"], groups=[group])
+    assert skip.settings("1.bias")[1] == 0.0                 # skip_decay wins
+    with pytest.raises(ValueError, match="two groups"):
+        SGD(model, lr=0.1, groups=[group, ParamGroup(frozenset(["1.bias"]))])
+
+
+def test_linear_schedule_start_and_end_factors():
+    schedule = make_schedule("linear", 1.5, total_steps=100, warmup_fraction=0.25,
+                             start_factor=0.2, end_factor=0.07)
+    assert schedule(0) == pytest.approx(0.3)
+    assert schedule(25) == pytest.approx(1.5)
+    assert schedule(100) == pytest.approx(1.5 * 0.07)
+    assert schedule(62.5) == pytest.approx(1.5 * (0.07 + 0.93 * 0.5))
+    assert schedule(99) > schedule(100)
+    default = make_schedule("linear", 0.4, 100, warmup_fraction=0.2)
+    assert default(0) == pytest.approx(0.4 / 25) and default(100) == 0.0
+    with pytest.raises(ValueError, match="linear schedule"):
+        make_schedule("cosine", 0.1, 10, end_factor=0.1)
+    with pytest.raises(ValueError, match=">= 0"):
+        make_schedule("linear", 0.1, 10, start_factor=-1)

@@ -154,5 +154,7 @@ class FastSequential(Sequential):
         if steps is None:
             raise RuntimeError("Sequential.backward needs a forward pass first")
         for step in reversed(steps):
+            if dy is None:          # as Sequential.backward: nothing before it learns
+                break
             dy = step.backward(dy)
         return dy

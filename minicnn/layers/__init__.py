@@ -8,6 +8,7 @@ from minicnn.layers.norm import BatchNorm2d
 from minicnn.layers.pooling import GlobalAvgPool2d, MaxPool2d
 from minicnn.layers.residual import Residual
 from minicnn.layers.shape import Flatten
+from minicnn.layers.whitening import PatchWhitening
 
 __all__ = ["Module", "Sequential", "Conv2d", "MaxPool2d", "GlobalAvgPool2d", "Linear", "Scale",
-           "ReLU", "Flatten", "BatchNorm2d", "Residual"]
+           "ReLU", "Flatten", "BatchNorm2d", "Residual", "PatchWhitening"]

@@ -16,13 +16,14 @@ accumulates. Layers work in the dtype of their input.
 
 A module whose ``needs_input_grad`` is False skips computing dx and returns
 None: the first layer of a network needs no gradient for the image. It is
-decided once, when a model is set up, by :meth:`Module.set_needs_input_grad`.
+decided when a model is set up (and again when a layer stops learning), by
+:meth:`Module.set_needs_input_grad`.
 """
 
 from __future__ import annotations
 
 from minicnn import backend
-from minicnn.validation import check_backward, check_input
+from minicnn.validation import check_input
 
 
 class Module:
@@ -143,7 +144,8 @@ class Sequential(Module):
 
     Backward is the chain rule, in reverse order:
     dL/dx_i = backward_i(dL/dx_{i+1}), from dy = dL/dy of the last layer down to
-    the first, whose dx is the model's (None when it needs none).
+    the first, whose dx is the model's (None when it needs none). It stops early
+    where a layer returns None: the layers before it learn nothing.
     """
 
     def __init__(self, *layers: Module):
@@ -160,11 +162,14 @@ class Sequential(Module):
         return [(str(i), layer) for i, layer in enumerate(self.layers)]
 
     def set_needs_input_grad(self, needed: bool) -> Sequential:
-        """Only the first layer's dx is the model's; every later layer's dx is the
-        gradient the layer before it needs."""
+        """The first layer's dx is the model's. A later layer's dx is needed if the
+        model's is, or if a layer before it has parameters to learn: layers that
+        learn nothing at the front of a network (a frozen stem) need no dx, nor
+        does the first layer after them."""
         super().set_needs_input_grad(needed)
-        for index, layer in enumerate(self.layers):
-            layer.set_needs_input_grad(needed if index == 0 else True)
+        for layer in self.layers:
+            layer.set_needs_input_grad(needed)
+            needed = needed or next(layer.named_parameters(), None) is not None
         return self
 
     def forward(self, x):
@@ -175,6 +180,8 @@ class Sequential(Module):
 
     def backward(self, dy):
         for layer in reversed(self.layers):
+            if dy is None:          # a layer returned no dx: nothing before it learns
+                break
             dy = layer.backward(dy)
         return dy
 

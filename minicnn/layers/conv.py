@@ -72,16 +72,21 @@ class Conv2d(Module):
             raise ValueError(f"Conv2d kernel {kh}x{kw} does not fit input "
                              f"{x.shape[2]}x{x.shape[3]} with padding {self.padding}")
 
+    def weight_and_bias(self):
+        """The filters and the bias (None without one) that forward computes with: the
+        parameters here; a layer with fixed filters keeps them elsewhere."""
+        return self.params["weight"], self.params.get("bias")
+
     def forward(self, x):
         self.check_input(x)
         kh, kw = self.kernel_size
         n, oc = x.shape[0], self.out_channels
         oh, ow, _, _ = self.geometry(x)
+        weight, bias = self.weight_and_bias()
         cols = im2col(x, kh, kw, self.stride, self.padding)          # (C*kh*kw, N*OH*OW)
-        weight = self.params["weight"].reshape(oc, -1)                # (OC, C*kh*kw)
-        y_mat = weight @ cols                                         # (OC, N*OH*OW)
-        if "bias" in self.params:
-            y_mat += self.params["bias"][:, None]
+        y_mat = weight.reshape(oc, -1) @ cols                         # (OC, N*OH*OW)
+        if bias is not None:
+            y_mat += bias[:, None]
         self.cache = (x.shape, cols) if self.training else None
         return y_mat.reshape(oc, n, oh, ow).transpose(1, 0, 2, 3)    # (N, OC, OH, OW)
 

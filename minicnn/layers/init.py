@@ -26,3 +26,17 @@ def kaiming_uniform_params(weight_shape, fan_in: int, bias: bool) -> dict:
     if bias:
         params["bias"] = uniform((weight_shape[0],), bound)
     return params
+
+
+def dirac_(weight):
+    """Identity ("dirac") init of a conv weight (OC, C, kh, kw), in place, as airbench
+    does (after PyTorch's ``nn.init.dirac_`` on ``weight[:C]``): the first C filters
+    become w[i, i, kh//2, kw//2] = 1 and 0 elsewhere, so filter i copies input channel
+    i; filters C..OC-1 keep their random init. A stack of such convs starts close
+    to the identity map, like a residual net without the skip connections."""
+    out_channels, in_channels, kh, kw = weight.shape
+    identity = min(out_channels, in_channels)
+    weight[:in_channels] = 0
+    for i in range(identity):
+        weight[i, i, kh // 2, kw // 2] = 1
+    return weight

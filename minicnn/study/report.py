@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from minicnn import backend, data
+from minicnn import augment, backend, data
 from minicnn.checkpoint import atomic_write
 from minicnn.errors import MinicnnError
 from minicnn.losses import softmax
@@ -183,7 +183,8 @@ def study(model, metadata: dict, image_uint8, *, image_name: str, weights_name: 
     label = int(probabilities.argmax()) if label is None else label
     steps = [  # one figure each, in the order of the page
         lambda: _input_panel(image_uint8, image_name, class_names, probabilities,
-                             min(top_k, len(class_names)), bool(metadata.get("tta"))),
+                             min(top_k, len(class_names)),
+                             augment.tta_mode(metadata.get("tta")) != "none"),
         *[lambda conv=conv: _feature_panel(conv, conv is convs[0], max_maps) for conv in convs],
         lambda: _saliency_panel(model, image_uint8, x, label, class_names, normalization,
                                 samples, noise, seed),
