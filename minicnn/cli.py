@@ -313,14 +313,14 @@ def add_model_options(p, batch_size: int, json_help: str) -> None:
     add_kernels_option(p)
     p.add_argument("--batch-size", type=positive_int, default=batch_size)
     p.add_argument("--json", action="store_true", help=json_help)
-    p.add_argument("--tta", nargs="?", const="flip", choices=augment.TTA_MODES, default=None,
-                   help="test-time augmentation: none, flip (the default of a bare --tta: the "
-                        "mean of the logits of each image and its mirror image) or "
-                        "flip-translate (airbench's six views); default: as recorded in the "
-                        "weights file. A bare --tta reads the next word as its mode: put it "
-                        "after the image files")
+    p.add_argument("--tta", dest="tta", action="store_const", const="flip", default=None,
+                   help="average the logits of each image and its mirror image (test-time "
+                        "flips); default: as recorded in the weights file")
+    p.add_argument("--tta-mode", dest="tta", choices=augment.TTA_MODES,
+                   help="test-time augmentation by name: none, flip, or flip-translate "
+                        "(airbench's six views with 1-pixel translations)")
     p.add_argument("--no-tta", dest="tta", action="store_const", const="none",
-                   help="no test-time augmentation (--tta none)")
+                   help="no test-time augmentation (--tta-mode none)")
 
 
 def use_tta(args, metadata: dict) -> str:

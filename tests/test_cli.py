@@ -251,9 +251,11 @@ def test_the_tta_mode_recorded_in_a_file_is_applied_and_can_be_overridden(
     assert "(test-time flips and 1-pixel translations)" in stdout
     classify = ["classify", str(images["rgb"]), "--weights", str(weights), "--json"]
     six = json.loads(run_cli(classify, capsys)[1])[0]["predictions"]
-    two = json.loads(run_cli([*classify, "--tta", "flip"], capsys)[1])[0]["predictions"]
+    two = json.loads(run_cli([*classify, "--tta-mode", "flip"], capsys)[1])[0]["predictions"]
     assert six != two
     assert json.loads(run_cli([*classify, "--tta"], capsys)[1])[0]["predictions"] == two
+    bare = ["classify", "--tta", str(images["rgb"]), "--weights", str(weights), "--json"]
+    assert json.loads(run_cli(bare, capsys)[1])[0]["predictions"] == two   # --tta before IMG
 
 
 def test_train_options_that_need_others_are_refused_in_one_line(tiny_cifar, tmp_path, capsys):
