@@ -4,6 +4,7 @@ suite's second run on it (MINICNN_FAKE_CUPY=tests.fake_cupy) would prove nothing
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,3 +153,7 @@ def test_the_backend_imports_the_module_the_variable_names(monkeypatch):
     with pytest.raises(BackendError, match="no_such_module"):
         backend.use("cupy")
 
+
+def test_ci_runs_the_whole_suite_again_on_the_stand_in():
+    ci = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+    assert "\nMINICNN_FAKE_CUPY=tests.fake_cupy python -m pytest\n" in ci
