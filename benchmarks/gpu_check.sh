@@ -12,7 +12,8 @@
 #
 # Every step's output goes to the screen and to a log in the log folder ($OUT
 # if set, else runs/gpu-check); summary.txt there says what passed. The exit
-# code is 0 only if every step passed.
+# code is 0 only if every step passed. Where CuPy sees no GPU it stops at once
+# (exit code 2), before installing or writing anything.
 #
 #   bash benchmarks/gpu_check.sh               # on the GPU machine
 #   bash benchmarks/gpu_check.sh --smoke       # anywhere: the script itself, end to end
@@ -44,6 +45,13 @@ while (($#)); do
     shift
 done
 
+python=${PYTHON:-python}
+if ((!smoke)) && ! "$python" -c "import cupy, sys; sys.exit(cupy.cuda.runtime.getDeviceCount() < 1)" \
+        2> /dev/null; then                  # nothing installed or written where it cannot run
+    echo "gpu_check: CuPy sees no GPU here; run it on the GPU machine, or use --smoke" >&2
+    exit 2
+fi
+
 logs="${OUT:-runs/gpu-check}"
 mkdir -p "$logs"
 logs=$(cd "$logs" && pwd)
@@ -51,7 +59,6 @@ summary="$logs/summary.txt"
 : > "$summary"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-python=${PYTHON:-python}
 device_data="${DEVICE_DATA:-.device-data}"
 failures=0
 
@@ -140,7 +147,14 @@ if ((smoke)); then
 else
     tests=(-k cupy)
 fi
-step 2-cupy-tests 170 "$python" -m pytest -q -p no:cacheprovider -rs "${tests[@]}"
+cupy_tests() {               # the CuPy cases skip where CuPy sees no GPU: refuse that here
+    "$python" -c "from minicnn import backend; import sys; sys.exit(0 if backend.cupy_available()
+else 'CuPy or a GPU is not usable here: the CuPy cases would only skip')" || return 1
+    "$python" -m pytest -q -p no:cacheprovider -rs "$@"
+}
+export -f cupy_tests
+export python
+step 2-cupy-tests 170 bash -c 'cupy_tests "$@"' cupy_tests "${tests[@]}"
 
 # --- 3. minicnn against PyTorch on the GPU -----------------------------------------------
 if ((smoke)); then

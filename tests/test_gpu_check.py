@@ -4,6 +4,7 @@ GPU can show (speed, CUDA itself) is left to a run on one."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -73,6 +74,17 @@ def test_smoke_run_goes_through_every_step_and_gathers_the_staged_data(tiny_cifa
         assert metadata["training"]["epochs_completed"] == 1
         assert 0.0 <= metadata["test_accuracy"] <= 1.0
         assert "test accuracy" in (out / f"4-train-{name}.log").read_text()
+
+
+def test_without_a_gpu_it_refuses_before_installing_or_writing_anything(tmp_path):
+    if importlib.util.find_spec("cupy") is not None:
+        pytest.skip("CuPy is installed here: the check would run for real")
+    out = tmp_path / "logs"
+    result = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True,
+                            env=environment(OUT=str(out)), timeout=60, check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "CuPy sees no GPU here" in result.stderr and "--smoke" in result.stderr
+    assert not out.exists()
 
 
 def test_unknown_option_is_one_line():
