@@ -6,9 +6,9 @@ Used by bench_cpu.py (the reference it times) and by tests/test_vs_pytorch.py
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
+from minicnn import backend
 from minicnn.layers import (BatchNorm2d, Conv2d, Flatten, GlobalAvgPool2d, Linear, MaxPool2d,
                             PatchWhitening, ReLU, Residual, Scale, Sequential)
 
@@ -81,7 +81,7 @@ def torch_mirror(model, dtype=torch.float32):
     tensors = dict(mirror.named_parameters()) | dict(mirror.named_buffers())
     with torch.no_grad():
         for name, value in model.state_dict().items():
-            tensors[name].copy_(torch.from_numpy(np.array(value)))
+            tensors[name].copy_(torch.from_numpy(backend.to_host(value)))
     return mirror
 
 

@@ -17,6 +17,9 @@ interchangeable: ``random``, ``integers``, ``uniform``, ``standard_normal``.
 
 from __future__ import annotations
 
+import importlib
+import os
+
 import numpy
 
 from minicnn.errors import MinicnnError
@@ -38,6 +41,11 @@ xp = numpy
 _rng = numpy.random.default_rng(0)
 _cupy = None  # the cupy module once it has been imported successfully
 
+#: For the test suite only: the name of a module to import in place of cupy
+#: (``MINICNN_FAKE_CUPY=tests.fake_cupy``, a strict NumPy-backed stand-in that
+#: is not shipped), so that the CuPy code paths run on machines without a GPU.
+FAKE_CUPY_VARIABLE = "MINICNN_FAKE_CUPY"
+
 
 def _import_cupy():
     """Import CuPy and check that a GPU is usable; raise BackendError if not."""
@@ -45,7 +53,10 @@ def _import_cupy():
     if _cupy is not None:
         return _cupy
     try:
-        import cupy  # noqa: PLC0415 - optional dependency, imported on demand
+        if os.environ.get(FAKE_CUPY_VARIABLE):
+            cupy = importlib.import_module(os.environ[FAKE_CUPY_VARIABLE])
+        else:
+            import cupy  # noqa: PLC0415 - optional dependency, imported on demand
     except ImportError as exc:
         raise BackendError(f"the cupy backend needs CuPy, which is not installed ({exc}); "
                            + CUPY_INSTALL_HINT) from None

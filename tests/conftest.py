@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 import pickle
+import sys
 import tarfile
 from pathlib import Path
 
@@ -12,6 +14,15 @@ import pytest
 
 from minicnn import (BatchNorm2d, Conv2d, Flatten, GlobalAvgPool2d, Linear, MaxPool2d, ReLU,
                      Residual, Scale, Sequential, backend, kernels)
+
+# The CuPy stand-in is imported as tests.fake_cupy (MINICNN_FAKE_CUPY names it), here
+# and in the child processes that some tests start: the repository root is importable.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+if os.environ.get(backend.FAKE_CUPY_VARIABLE):
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)
 
 REAL_DATA = Path(os.environ.get("MINICNN_DATA", "")) if os.environ.get("MINICNN_DATA") else None
 if REAL_DATA is None:
@@ -28,10 +39,26 @@ requires_real_data = pytest.mark.skipif(
 def xp(request):
     """Run the test once per backend; CuPy cases skip cleanly without a GPU."""
     if request.param == "cupy" and not backend.cupy_available():
-        pytest.skip("CuPy or a CUDA GPU is not available")
+        pytest.skip("CuPy or a CUDA GPU is not available (CI runs these cases on a "
+                    "stand-in: MINICNN_FAKE_CUPY=tests.fake_cupy)")
     backend.use(request.param, seed=0)
     yield backend.xp
     backend.use("numpy", seed=0)
+
+
+@pytest.fixture
+def without_cupy(monkeypatch):
+    """As where CuPy is not installed: also on a GPU machine, and under the stand-in."""
+    real_import = builtins.__import__
+
+    def no_cupy(name, *args, **kwargs):
+        if name == "cupy":
+            raise ImportError("No module named 'cupy'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(backend, "_cupy", None)
+    monkeypatch.delenv(backend.FAKE_CUPY_VARIABLE, raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_cupy)
 
 
 @pytest.fixture(autouse=True)

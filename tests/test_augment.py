@@ -67,16 +67,19 @@ def test_tta_modes_weigh_their_views_as_airbench(xp):
     f = model.forward
     padded = xp.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
     down_right, up_left = padded[..., :4, :4], padded[..., 2:, 2:]
-    np.testing.assert_allclose(tta_logits(model, x, "none"), f(x))
-    np.testing.assert_allclose(tta_logits(model, x, "flip"), (f(x) + f(x[..., ::-1])) / 2)
+    host = backend.to_host
+    np.testing.assert_allclose(host(tta_logits(model, x, "none")), host(f(x)))
+    np.testing.assert_allclose(host(tta_logits(model, x, "flip")),
+                               host((f(x) + f(x[..., ::-1])) / 2))
     expected = (0.25 * (f(x) + f(x[..., ::-1]))
                 + 0.125 * (f(down_right) + f(down_right[..., ::-1])
                            + f(up_left) + f(up_left[..., ::-1])))
     model.seen.clear()
-    np.testing.assert_allclose(tta_logits(model, x, "flip-translate"), expected, rtol=1e-12)
+    np.testing.assert_allclose(host(tta_logits(model, x, "flip-translate")), host(expected),
+                               rtol=1e-12)
     assert len(model.seen) == 6
-    np.testing.assert_array_equal(down_right[..., 1:, 1:], x[..., :3, :3])   # moved down-right
-    np.testing.assert_array_equal(up_left[..., :3, :3], x[..., 1:, 1:])      # moved up-left
+    np.testing.assert_array_equal(host(down_right[..., 1:, 1:]), host(x[..., :3, :3]))  # down-right
+    np.testing.assert_array_equal(host(up_left[..., :3, :3]), host(x[..., 1:, 1:]))     # up-left
 
 
 def test_tta_modes_of_old_and_new_settings():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import builtins
 from pathlib import Path
 
 import numpy as np
@@ -61,16 +60,7 @@ def test_unknown_backend():
         backend.use("tpu")
 
 
-def test_cupy_missing_gives_one_line_install_hint(monkeypatch):
-    real_import = builtins.__import__
-
-    def no_cupy(name, *args, **kwargs):
-        if name == "cupy":
-            raise ImportError("No module named 'cupy'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(backend, "_cupy", None)
-    monkeypatch.setattr(builtins, "__import__", no_cupy)
+def test_cupy_missing_gives_one_line_install_hint(without_cupy):
     with pytest.raises(BackendError) as info:
         backend.use("cupy")
     message = str(info.value)

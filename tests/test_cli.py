@@ -185,10 +185,7 @@ def test_missing_data_is_one_line(tmp_path, capsys):
     assert code == 1 and err.count("\n") == 1 and "no CIFAR-10" in err
 
 
-def test_cupy_backend_without_cupy_is_one_line(images, weights, capsys):
-    from minicnn import backend
-    if backend.cupy_available():
-        pytest.skip("CuPy works here")
+def test_cupy_backend_without_cupy_is_one_line(images, weights, capsys, without_cupy):
     code, _, err = run_cli(["classify", str(images["rgb"]), "--weights", str(weights),
                             "--backend", "cupy"], capsys)
     assert code == 1 and err.count("\n") == 1 and "pip install" in err

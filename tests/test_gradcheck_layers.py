@@ -1,10 +1,17 @@
 """Every layer's backward against central finite differences, in float64,
 with a random upstream gradient, on every available backend: the reference
 layers (minicnn/layers/). tests/test_fast_kernels.py compares the fast kernels
-with them."""
+with them.
+
+Inputs and whole models' weights are drawn on the host and copied to the
+backend, so every backend checks the same numbers: each backend's generator
+has a stream of its own, and a draw that puts a ReLU input or a max within
+eps of its kink would fail on one backend and not on another.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from minicnn import (BatchNorm2d, Conv2d, Flatten, GlobalAvgPool2d, Linear, MaxPool2d,
@@ -25,17 +32,24 @@ def reference_kernels():
 
 
 def randn(shape, seed=1):
-    return backend.make_rng(seed).standard_normal(shape)
+    """Standard normal float64 values on the backend, the same on every backend."""
+    return backend.to_device(np.random.default_rng(seed).standard_normal(shape))
 
 
 def tie_free(shape, seed=2):
     """Distinct values at least 0.01 apart, so no +-eps nudge changes a max."""
-    xp = backend.xp
-    n = 1
-    for s in shape:
-        n *= s
-    order = xp.argsort(backend.make_rng(seed).random(n))
-    return (order.astype(xp.float64) * 0.01 - n * 0.005).reshape(shape)
+    n = int(np.prod(shape))
+    order = np.argsort(np.random.default_rng(seed).random(n))
+    return backend.to_device((order * 0.01 - n * 0.005).reshape(shape))
+
+
+def host_built(name, **config):
+    """build_model(name) with the weights NumPy draws (seed 0), on the current backend."""
+    current = backend.name()
+    backend.use("numpy", seed=0)
+    model = build_model(name, **config)
+    backend.use(current, seed=0)
+    return model.to_backend()
 
 
 def away_from_zero(shape, seed=3):
@@ -215,7 +229,7 @@ def test_residual_rejects_a_shape_change():
 
 
 def test_airnet_end_to_end(xp):
-    model = build_model("airnet", width=2)
+    model = host_built("airnet", width=2)
     model.astype(xp.float64)
     errors = check_module(model, randn((2, 3, 32, 32)), max_entries=30)
     assert set(errors) == {"input", *parameter_names(model)}
@@ -235,7 +249,7 @@ def test_small_network_end_to_end(xp, kernel):
 def test_lenet_end_to_end(xp, input_grad, kernel):
     """as-trained: no gradient for the image; on the fast kernels the first conv's
     backward then takes its outputs in pairs, as in training."""
-    model = kernels.prepare(build_model("lenet"), kernel)
+    model = kernels.prepare(host_built("lenet"), kernel)
     model.astype(xp.float64)
     errors = check_module(model, randn((1, 3, 32, 32)), max_entries=40, input_grad=input_grad)
     assert set(errors) == parameter_names(model) | ({"input"} if input_grad else set())
@@ -246,7 +260,7 @@ def test_lenet_end_to_end(xp, input_grad, kernel):
 @pytest.mark.parametrize("n,k", [(5, 10), (1, 3), (8, 2)])
 def test_softmax_cross_entropy(xp, n, k, smoothing):
     logits = randn((n, k)) * 3
-    labels = backend.make_rng(4).integers(0, k, n)
+    labels = backend.to_device(np.random.default_rng(4).integers(0, k, n))
     assert check_loss(SoftmaxCrossEntropy(smoothing), logits, labels) < TOLERANCE
 
 
