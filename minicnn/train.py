@@ -251,16 +251,18 @@ def make_optimizer(model, config: TrainConfig) -> SGD:
                skip_decay, groups)
 
 
-def _freeze_whitening_biases(model, config: TrainConfig, epoch: int) -> None:
+def _freeze_whitening_biases(model, config: TrainConfig, epoch: int) -> bool:
     """From epoch whiten_bias_epochs on, the whitening stem's bias stops training; the
-    layers after it then need no input gradient either (set_needs_input_grad)."""
+    layers after it then need no input gradient either (set_needs_input_grad). Returns
+    whether it froze one now (the model's parameters changed)."""
     layers = whitening_layers(model)
     if config.whiten_bias_epochs is None or epoch < config.whiten_bias_epochs or not any(
             layer.bias_trainable for layer in layers):
-        return
+        return False
     for layer in layers:
         layer.freeze_bias()
     model.set_needs_input_grad(False)
+    return True
 
 
 class StopRequest:
@@ -465,14 +467,16 @@ def fit(model, train: data.Dataset, test: data.Dataset, config: TrainConfig, out
 
     elapsed = point.elapsed + whitening_seconds
     metadata = {}
-    with StopRequest() as stop, input_gradients_off(model), \
-            training_step(model, criterion) as step_fn:
+    with StopRequest() as stop, input_gradients_off(model), contextlib.ExitStack() as steps:
+        step_fn = steps.enter_context(training_step(model, criterion))
         if stop.requested:                     # during start-up: nothing new to save
             raise TrainingInterrupted("interrupted before the first step; "
                                       + ("the resume point is unchanged" if resume
                                          else "nothing was written"))
         for epoch in range(start_epoch, config.epochs):
-            _freeze_whitening_biases(model, config, epoch)
+            if _freeze_whitening_biases(model, config, epoch):
+                steps.close()                  # replicas hold the parameters as they were
+                step_fn = steps.enter_context(training_step(model, criterion))
             plan = _plan_epoch(n, config, epoch)
             first = start_step if epoch == start_epoch else 0
             bar_settings = {"desc": f"epoch {epoch + 1}/{config.epochs}", "unit": "batch",

@@ -174,7 +174,7 @@ def test_a_worker_that_dies_during_a_batchnorm_step_is_reported_not_waited_for()
 
 def test_models_the_processes_cannot_share_are_refused():
     airnet = kernels.prepare(models.build_model("airnet"), "reference")   # plain BatchNorm
-    assert "BatchNorm2d layer has buffers" in replicas.refusal(airnet)
+    assert "BatchNorm2d layer keeps batch statistics" in replicas.refusal(airnet)
     assert replicas.default_processes(airnet) == 1
     with pytest.raises(ValueError, match="cannot share"):
         Replicas(airnet, SoftmaxCrossEntropy(), processes=2)

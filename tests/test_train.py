@@ -156,6 +156,21 @@ def test_fit_on_several_processes_matches_one_up_to_rounding(tmp_path, monkeypat
         assert np.abs(other - value).max() <= 1e-4 * np.abs(value).max()
 
 
+def test_the_recipe_on_several_processes_matches_one_up_to_rounding(tmp_path, monkeypatch):
+    """BatchNorm's statistics shared across processes, and the replicas made anew when the
+    whitening stem's bias freezes (the model's parameters change) after epoch 1."""
+    if backend.name() != "numpy":
+        pytest.skip("replicas run on the NumPy backend only")
+    monkeypatch.setenv("MINICNN_PROCESSES", "1")
+    one, _ = run(tmp_path, "one.npz", settings=RECIPE, epochs=2, lookahead=False)
+    monkeypatch.setenv("MINICNN_PROCESSES", "2")
+    two, _ = run(tmp_path, "two.npz", settings=RECIPE, epochs=2, lookahead=False)
+    assert not two.layers[0].bias_trainable
+    for name, value in one.state_dict().items():
+        other = two.state_dict()[name]
+        assert np.abs(other - value).max() <= 1e-3 * max(np.abs(value).max(), 1e-3), name
+
+
 RECIPE = {"model": "airnet", "widths": [4, 8, 8], "stem": "whiten", "dirac": True,
           "bn_momentum": 0.4, "bn_eps": 1e-12, "whiten_bias_epochs": 1, "epochs": 3,
           "batch_size": 32, "lr": 0.2, "norm_lr_scale": 64.0, "momentum": 0.85,

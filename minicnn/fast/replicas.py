@@ -88,10 +88,10 @@ def refusal(model) -> str | None:
     """Why ``model`` cannot be trained by replicas here, or None if it can."""
     if backend.name() != "numpy":
         return "replicas run on the NumPy backend only (a GPU is parallel already)"
-    for _, module, _ in model.named_buffers():
-        if not isinstance(module, FastBatchNorm2d):
-            return (f"its {module.layer_name()} layer has buffers that the processes "
-                    "cannot share")
+    for _, module in model.modules():
+        if module.batch_statistics and not isinstance(module, FastBatchNorm2d):
+            return (f"its {module.layer_name()} layer keeps batch statistics that the "
+                    "processes cannot share")
     return None
 
 
@@ -291,8 +291,8 @@ class Replicas:
             self._sync = _AllReduce(self.processes, _reduce_width(model),
                                     context.Barrier(self.processes))
         # close() when this object is dropped or at exit, if nobody called it
-        self._finalizer = weakref.finalize(self, _shut_down, model, self._params, self._workers,
-                                           self._sync)
+        self._finalizer = weakref.finalize(self, _shut_down, model, slots, self._params,
+                                           self._workers, self._sync)
         _OPEN.add(self._finalizer)
         try:
             self._start_workers(context, layouts)
@@ -349,7 +349,10 @@ class Replicas:
         """Put back into shared memory any parameter that was replaced by a new array
         since (loading weights does that), so that the workers see it."""
         for (module, key), view in zip(self._slots, self._params.arrays):
-            param = module.params[key]
+            param = module.params.get(key)
+            if param is None:
+                raise ValueError(f"parameter {key!r} is no longer trained (frozen) since the "
+                                 "replicas were made; make new Replicas")
             if param is not view:
                 if param.shape != view.shape or param.dtype != view.dtype:
                     raise ValueError(f"parameter {key!r} changed shape or dtype since the "
@@ -498,7 +501,7 @@ def _watch(workers: list, barrier) -> None:
         threading.Event().wait(0.2)
 
 
-def _shut_down(model, params: _SharedArrays, workers: list, sync=None) -> None:
+def _shut_down(model, slots: list, params: _SharedArrays, workers: list, sync=None) -> None:
     """Replicas.close(): stop the workers, give the model ordinary arrays again, free the
     shared memory. Runs once (weakref.finalize)."""
     if sync is not None:
@@ -520,9 +523,10 @@ def _shut_down(model, params: _SharedArrays, workers: list, sync=None) -> None:
         if worker["inputs"] is not None:
             worker["inputs"].close()
     workers.clear()
-    for (module, key), view in zip(_slots(model), params.arrays):
-        if module.params[key] is view:
-            module.params[key] = view.copy()
+    for (module, key), view in zip(slots, params.arrays):   # the slots the block was made for
+        for holder in (module.params, module.buffers):     # (a frozen parameter is a buffer)
+            if holder.get(key) is view:
+                holder[key] = view.copy()
     params.close()
     for module in _batch_norms(model):
         module.sync = None

@@ -32,6 +32,9 @@ class Module:
     #: what forward and backward leave behind, reset when a module is pickled (the
     #: replicas send models to worker processes): attribute -> makes its empty value
     transient = {"cache": lambda: None, "grads": dict}
+    #: whether training forward computes statistics of the whole batch (BatchNorm): a
+    #: batch split over processes must then share them (minicnn.fast.replicas)
+    batch_statistics = False
 
     def __init__(self):
         self.params: dict = {}

@@ -55,6 +55,8 @@ class BatchNorm2d(Module):
     "running_mean" (starts at 0) and "running_var" (starts at 1).
     """
 
+    batch_statistics = True
+
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
                  weight: bool = True, bias: bool = True):
         super().__init__()
