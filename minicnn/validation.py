@@ -189,18 +189,20 @@ def check_backward(layer, ready: bool, dy=None) -> None:
 MAY_BE_ZERO = ("padding",)
 
 
-def check_sizes(layer, **sizes) -> None:
+def check_sizes(layer, kernel_pairs: bool = True, **sizes) -> None:
     """Constructor arguments that are sizes: whole numbers >= 1 (those named in
-    MAY_BE_ZERO >= 0), or pairs of them; None is skipped (a default applies)."""
+    MAY_BE_ZERO >= 0), or for kernel_size a pair of them where kernel_pairs;
+    None is skipped (a default applies)."""
     for key, value in sizes.items():
         if value is None:
             continue
         low = 0 if key in MAY_BE_ZERO else 1
-        pair = key == "kernel_size" and isinstance(value, (tuple, list)) and len(value) == 2
+        pairs_allowed = key == "kernel_size" and kernel_pairs
+        pair = pairs_allowed and isinstance(value, (tuple, list)) and len(value) == 2
         parts = value if pair else (value,)
         if not all(is_whole(v) and v >= low for v in parts):
             raise ValueError(f"{_name(layer)}: {key} must be a whole number >= {low}"
-                             + (" or a pair of them" if key == "kernel_size" else "")
+                             + (" or a pair of them" if pairs_allowed else "")
                              + f", got {value!r}")
 
 

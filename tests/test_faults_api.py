@@ -100,6 +100,7 @@ def test_loss_labels(labels, error, message):
     (lambda: Conv2d(3, 6, 5, padding=-1), "padding must be a whole number >= 0"),
     (lambda: MaxPool2d(0), "MaxPool2d: kernel_size"),
     (lambda: MaxPool2d(2.5), "MaxPool2d: kernel_size"),
+    (lambda: MaxPool2d((2, 2)), "MaxPool2d: kernel_size must be a whole number >= 1, got"),
     (lambda: MaxPool2d(2, stride="2"), "MaxPool2d: stride"),
     (lambda: Linear(0, 3), "Linear: in_features")])
 def test_sizes_that_are_not_whole_numbers_are_refused(build, message):

@@ -29,7 +29,8 @@ class MaxPool2d(Module):
     """MaxPool2d(kernel_size, stride=None, padding=0); stride defaults to kernel_size."""
 
     def __init__(self, kernel_size: int, stride: int | None = None, padding: int = 0):
-        check_sizes(self, kernel_size=kernel_size, stride=stride, padding=padding)
+        check_sizes(self, kernel_pairs=False, kernel_size=kernel_size, stride=stride,
+                    padding=padding)
         super().__init__()
         self.kernel_size = int(kernel_size)
         self.stride = int(stride) if stride is not None else self.kernel_size
