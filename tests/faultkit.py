@@ -39,18 +39,24 @@ def run_cli(argv, capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def as_in_a_terminal() -> None:
-    """In the child before it runs: Ctrl-C acts as it does at a terminal. A shell without
-    job control starts background jobs (`.ci/run &`) with SIGINT ignored, and children
-    inherit that; the Ctrl-C tests would then send a signal nobody hears."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def as_in_a_terminal(then=None):
+    """What the child runs before the command: Ctrl-C acts as it does at a terminal (a
+    shell without job control starts background jobs, `.ci/run &`, with SIGINT ignored,
+    and children inherit that; the Ctrl-C tests would send a signal nobody hears), then
+    the test's own preexec_fn, if any."""
+    def prepare():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if then is not None:
+            then()
+    return prepare
 
 
 def child(argv, timeout: float = 60, env=None, **options) -> subprocess.CompletedProcess:
     """python -m minicnn ARGV in a child process (text output); TimeoutExpired is a hang."""
     return subprocess.run([sys.executable, "-m", "minicnn", *map(str, argv)],
                           capture_output=True, text=True, timeout=timeout,
-                          env={**CHILD_ENV, **(env or {})}, preexec_fn=as_in_a_terminal,
+                          env={**CHILD_ENV, **(env or {})},
+                          preexec_fn=as_in_a_terminal(options.pop("preexec_fn", None)),
                           **options)
 
 
@@ -59,7 +65,8 @@ def popen(argv, env=None, **options) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "minicnn", *map(str, argv)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**CHILD_ENV, **(env or {})}, start_new_session=True,
-                            preexec_fn=as_in_a_terminal, **options)
+                            preexec_fn=as_in_a_terminal(options.pop("preexec_fn", None)),
+                            **options)
 
 
 def finish(process: subprocess.Popen, timeout: float = 60) -> tuple[int, str, str]:
