@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import first_pass_only
 
 from minicnn import backend, load_model
 
@@ -31,9 +32,8 @@ def environment(**changes) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(bool(os.environ.get(backend.FAKE_CUPY_VARIABLE)),
-                    reason="its smoke mode selects the CuPy stand-in itself; the first pass "
-                           "of the suite runs it")
+@first_pass_only("its smoke mode selects the CuPy stand-in itself; the first pass of the "
+                 "suite runs it")
 def test_smoke_run_goes_through_every_step_and_gathers_the_staged_data(tiny_cifar, tmp_path):
     staged = tmp_path / "staged"                # as ../shared/tools/device-data lays it out
     files = sorted(p.name for p in tiny_cifar.iterdir())

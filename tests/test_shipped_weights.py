@@ -4,13 +4,12 @@ and the README's first command (classify the sample images) working."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-from conftest import REAL_DATA, requires_real_data
+from conftest import REAL_DATA, first_pass_only, requires_real_data
 
-from minicnn import backend, load_model
+from minicnn import load_model
 from minicnn.cli import WEIGHTS_DIR, default_weights, main, shipped_weights
 from minicnn.data import CLASS_NAMES, load_cifar10
 from minicnn.train import evaluate
@@ -44,11 +43,10 @@ def test_default_weights_is_the_most_accurate():
 
 
 @requires_real_data
+@first_pass_only("runs on NumPy only, in CI's first pass (minutes per file with six-view "
+                 "TTA; the CuPy stand-in would repeat the same NumPy work)")
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_recorded_accuracy_is_reproduced_on_the_test_set(path):
-    if os.environ.get(backend.FAKE_CUPY_VARIABLE):
-        pytest.skip("runs on NumPy only, in CI's first pass (minutes per file with "
-                    "six-view TTA; the CuPy stand-in would repeat the same NumPy work)")
     model, metadata = load_model(path)
     _, test = load_cifar10(REAL_DATA, download=False)
     result = evaluate(model, test, metadata["normalization"], tta=metadata.get("tta", False))
