@@ -12,7 +12,7 @@ db = sum dY, dx = col2im(W.T @ dY)), with these differences in how:
 - Backward recomputes a chunk's cols from x instead of keeping them from
   forward: training keeps only x, as PyTorch does.
 - Flat cols (stride 1, small products per image, at most FLAT_PRODUCT_MACS
-  multiply-adds): :func:`~minicnn.fast.im2col.im2col_flat`, one strided copy,
+  multiply-adds, or at most FLAT_MAX_OUT_CHANNELS filters): :func:`~minicnn.fast.im2col.im2col_flat`, one strided copy,
   and one small product per image, which BLAS runs with its fast small-matrix
   kernels. The outputs come on a grid of OH x Wp instead of OH x OW; the extra
   columns are cropped from Y and get dY = 0 in backward, so they change
@@ -53,6 +53,7 @@ from minicnn.layers.conv import Conv2d
 
 CHUNK_BYTES = 4 * 2**20        # target size of one chunk's scratch, see the module docstring
 FLAT_PRODUCT_MACS = 2**20      # largest product per image for flat cols (docstring)
+FLAT_MAX_OUT_CHANNELS = 64     # ... or at most this many filters, a product of any size
 PAIRS_MAX_OUT_CHANNELS = 8     # flat layers with at most this many filters take outputs in pairs
 CHANNELS_LAST_RATIO = 16      # channels-last where in_channels >= this times OW, see path()
 _SHARED_SCRATCH: dict = {}     # (what, worker) -> (buffer, layout) for every FastConv2d, see _buffer
@@ -74,10 +75,13 @@ class FastConv2d(Conv2d):
         return self.__dict__.setdefault("_scratch", {})
 
     def takes_flat_path(self, x) -> bool:
-        """Whether im2col_flat is used: stride 1, and small products per image."""
+        """Whether im2col_flat is used: stride 1, and small products per image or few
+        filters (at most FLAT_MAX_OUT_CHANNELS: there its one strided copy and its col2im
+        beat the reference's short rows, backward most, docs/performance.md)."""
         if self.stride != 1:
             return False
-        return self.out_channels * self._cols_per_image(x, flat=True) <= FLAT_PRODUCT_MACS
+        return (self.out_channels <= FLAT_MAX_OUT_CHANNELS
+                or self.out_channels * self._cols_per_image(x, flat=True) <= FLAT_PRODUCT_MACS)
 
     def takes_pairs_path(self, x, dx: bool = False) -> bool:
         """Whether the flat version takes its outputs in pairs (im2col_flat_pairs): at most
