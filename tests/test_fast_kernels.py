@@ -9,6 +9,7 @@ conv-ReLU-pool pass of FastSequential are equal bit for bit, ties included.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -137,8 +138,9 @@ def test_fast_conv_matches_the_reference(xp, threads, k, stride, padding, needs_
 
 
 @pytest.mark.parametrize("shape,channels,expected", [((2, 3, 32, 32), (3, 6, 5, 1), "flat"),
-                                                     ((2, 24, 31, 31), (24, 32, 3, 1), "im2col"),
-                                                     ((2, 32, 15, 15), (32, 64, 3, 1), "im2col"),
+                                                     ((2, 24, 31, 31), (24, 32, 3, 1), "flat"),
+                                                     ((2, 32, 15, 15), (32, 64, 3, 1), "flat"),
+                                                     ((2, 32, 15, 15), (32, 128, 3, 1), "im2col"),
                                                      ((2, 128, 7, 7), (128, 128, 3, 1),
                                                       "channels-last")])
 def test_each_layer_takes_the_path_its_shape_calls_for(xp, shape, channels, expected):
@@ -266,6 +268,23 @@ def test_run_chunks_raises_a_workers_error_and_keeps_working(threads):
     with pytest.raises(ArithmeticError, match="chunk 5"):
         parallel.run_chunks(work, parts, np.zeros(1))
     assert parallel.run_chunks(lambda part, worker: part.start, parts, np.zeros(1)) == list(range(10))
+
+
+def test_run_chunks_inside_a_part_works_in_that_thread_as_that_worker(threads):
+    """FastSequential's inference parts run the convs' chunks nested: each in the part's
+    own thread, with that worker's index (its scratch space), never on a helper."""
+    def inner(part, worker):
+        return threading.current_thread().name, worker
+
+    def outer(part, worker):
+        inner_results = parallel.run_chunks(inner, [slice(0, 1), slice(1, 2)], np.zeros(2))
+        return threading.current_thread().name, worker, parallel.workers(), inner_results
+
+    results = parallel.run_chunks(outer, [slice(i, i + 1) for i in range(6)], np.zeros(6))
+    for thread, worker, count, inner_results in results:
+        assert count == 1
+        assert inner_results == [(thread, worker)] * 2
+    assert parallel.workers() == threads            # back to normal outside the parts
 
 
 def test_set_workers_rejects_zero():
@@ -427,6 +446,35 @@ def test_fast_sequential_backward_needs_a_forward_first():
 
 
 # --- whole models --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,config", [("lenet", {}), ("airnet", {"width": 4})])
+def test_inference_runs_a_batch_in_parts_one_per_thread(xp, threads, name, config):
+    """Eval mode on several CPU threads: one part of the batch per thread, at least
+    INFERENCE_MIN_PART_IMAGES images each; the same logits as the reference, and no
+    layer keeps a cache of one part (backward says so)."""
+    from minicnn import build_model
+    from minicnn.fast.fused import INFERENCE_MIN_PART_IMAGES
+    reference = kernels.prepare(build_model(name, **config), "reference")
+    reference.astype(xp.float64).eval()
+    n = 3 * INFERENCE_MIN_PART_IMAGES
+    x = backend.make_rng(12).standard_normal((n, 3, 32, 32))
+    expected = reference.forward(x)
+    fast = kernels.prepare(reference, "fast")
+    parts = fast._inference_parts(x)
+    if threads == 1 or not backend.on_cpu(x):
+        assert parts is None
+    else:
+        assert [(part.start, part.stop) for part in parts] == [(0, 16), (16, 32), (32, 48)]
+        assert fast._inference_parts(x[:2 * INFERENCE_MIN_PART_IMAGES - 1]) is None
+    assert_close(fast.forward(x), expected)
+    if parts is not None:
+        assert all(getattr(module, "cache", None) is None for _, module in fast.modules())
+        with pytest.raises(RuntimeError):
+            fast.backward(xp.ones((n, 10)))
+    fast.train()
+    assert fast._inference_parts(x) is None
+
+
 
 @pytest.mark.parametrize("name,config,frozen_stem", [
     ("lenet", {}, False), ("airnet", {"width": 4}, False),

@@ -32,8 +32,14 @@ that pair lost to a positive cell), so the results are the same, bit for bit
 
 Fusion is a planning step: FastSequential (the fast kernel of Sequential)
 runs each FastConv2d, ReLU, FastMaxPool2d(2) run this way when the conv takes
-its flat path for the input (stride 1, small products per image); every other
-layer runs on its own.
+its flat path for the input (stride 1, small products per image or few
+filters); every other layer runs on its own.
+
+Inference goes further: in eval mode FastSequential splits a batch into one
+part per thread, and each thread runs its part through every layer (the
+convs' own chunks then run in that thread, minicnn.fast.parallel). Layer by
+layer, only the convs ran on all cores while BatchNorm, ReLU and pooling
+waited on one; now every layer does, in arrays a fraction of the size.
 """
 
 from __future__ import annotations
@@ -135,9 +141,14 @@ def plan(layers) -> list:
     return steps
 
 
+INFERENCE_MIN_PART_IMAGES = 16     # the smallest part of an inference batch per thread
+
+
 class FastSequential(Sequential):
     """Sequential whose forward and backward run the steps of :func:`plan`: the same
-    layers, with each conv-ReLU-pool run as one fused step."""
+    layers, with each conv-ReLU-pool run as one fused step. In eval mode on several
+    CPU threads, a batch runs in parts, one per thread (_inference_parts); its layers
+    then keep no caches, as in eval mode they need none."""
 
     reference_layer = Sequential
     transient = {**Sequential.transient, "_steps": lambda: None}
@@ -145,9 +156,30 @@ class FastSequential(Sequential):
     def forward(self, x):
         check_input(self, x)
         self._steps = plan(self.layers)
+        parts = self._inference_parts(x)
+        if parts is None:
+            return self._run_steps(x)
+        results = parallel.run_chunks(lambda part, _: self._run_steps(x[part]), parts, x)
+        for _, module in self.modules():     # each holds one part's cache: none is whole
+            module.cache = None
+        return backend.array_module(x).concatenate(results)
+
+    def _run_steps(self, x):
         for step in self._steps:
             x = step.forward(x)
         return x
+
+    def _inference_parts(self, x):
+        """Inference (eval mode) on several CPU threads: the batch in one part per thread
+        (at least INFERENCE_MIN_PART_IMAGES images each), each part run through every
+        layer by its own thread, so that every layer works on all cores, not only the
+        convs. Else None: the layers one after the other on the whole batch."""
+        n = x.shape[0] if x.ndim else 0
+        count = min(parallel.workers(), n // INFERENCE_MIN_PART_IMAGES)
+        if self.training or not backend.on_cpu(x) or count < 2:
+            return None
+        bounds = [n * k // count for k in range(count + 1)]
+        return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
 
     def backward(self, dy):
         steps = self.__dict__.get("_steps")

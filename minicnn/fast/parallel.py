@@ -47,6 +47,7 @@ _workers: int | None = None
 _pool: _HelperThreads | None = None
 _blas_limit = None   # threadpoolctl's limit, set on the first parallel run_chunks
 _in_calling_thread = 0   # > 0 inside in_calling_thread(): no helper threads
+_part = threading.local()   # .worker: the worker running a part of run_chunks in this thread
 
 
 def _default_workers() -> int:
@@ -60,9 +61,10 @@ def _default_workers() -> int:
 
 
 def workers() -> int:
-    """How many threads run_chunks uses on NumPy (1 inside in_calling_thread())."""
+    """How many threads run_chunks uses on NumPy (1 inside in_calling_thread(), and inside
+    a part of another run_chunks)."""
     global _workers
-    if _in_calling_thread:
+    if _in_calling_thread or getattr(_part, "worker", None) is not None:
         return 1
     if _workers is None:
         _workers = _default_workers()
@@ -144,6 +146,9 @@ def run_chunks(work, parts: list, array) -> list:
     can use scratch space of its own. ``array`` tells the backend: CuPy
     arrays are worked on in the calling thread, one part after the other.
     """
+    outer = getattr(_part, "worker", None)
+    if outer is not None:           # inside a part of another run_chunks: that worker's
+        return [work(part, outer) for part in parts]          # thread and scratch space
     count = min(workers(), len(parts))
     if count == 1 or not backend.on_cpu(array):
         return [work(part, 0) for part in parts]
@@ -155,10 +160,14 @@ def run_chunks(work, parts: list, array) -> list:
     claim = itertools.count()       # next() on it is atomic: each part is taken exactly once
 
     def worker_loop(worker: int) -> None:
-        index = next(claim)
-        while index < len(parts):
-            results[index] = work(parts[index], worker)
+        _part.worker = worker
+        try:
             index = next(claim)
+            while index < len(parts):
+                results[index] = work(parts[index], worker)
+                index = next(claim)
+        finally:
+            _part.worker = None
 
     hold_blas_to_one_thread()
     _pool.run(worker_loop, count)
