@@ -8,6 +8,8 @@ fresh process of its own.
     python benchmarks/bench_cpu.py --epoch --data-dir DIR   # minicnn train against the
                                                             # PyTorch reference script
     python benchmarks/bench_cpu.py --profile                # minicnn's time per layer
+    python benchmarks/bench_cpu.py --baseline ../old        # minicnn against minicnn at
+                                                            # another checkout, not PyTorch
 
 How it measures, and why: every measurement is a fresh Python process that
 runs one engine only. Run in one process, the two engines' threads slow each
@@ -43,6 +45,13 @@ parameters.
 ``benchmarks/train_pytorch_reference.py`` (the same recipe in PyTorch; lenet
 only), each in a fresh process, alternated over rounds, and reports the wall
 time of each command and the seconds of its epochs.
+
+``--baseline DIR`` measures minicnn against minicnn at another checkout DIR
+(say ``git worktree add ../old COMMIT``) instead of PyTorch, the same way:
+each in a fresh process of its own (DIR's own ``benchmarks/bench_cpu.py``,
+with DIR's minicnn first on the path), alternated over rounds; the ratio is
+this checkout's rate over DIR's. This is how a change to the fast kernels is
+measured against the code before it.
 
 The first line printed says what each engine computes with: PyTorch's CPU
 kernels and NumPy's OpenBLAS kernels (and OPENBLAS_CORETYPE, if set).
@@ -177,10 +186,15 @@ def child(engine: str, name: str, case: str, warmup: float, seconds: float) -> d
 
 def run_child(engine: str, name: str, case: str, args) -> dict | None:
     """Measure in a fresh process; None if the engine is missing (torch not installed)."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", engine, name, case,
+    script, env = Path(__file__).resolve(), child_env(args)
+    if engine == "baseline":                  # minicnn at the other checkout, its own script
+        script = Path(args.baseline) / "benchmarks" / "bench_cpu.py"
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(args.baseline).resolve()),
+                                                          env.get("PYTHONPATH")]))
+    command = [sys.executable, str(script), "--child",
+               "minicnn" if engine == "baseline" else engine, name, case,
                "--warmup", str(args.warmup), "--seconds", str(args.seconds)]
-    result = subprocess.run(command, capture_output=True, text=True, env=child_env(args),
-                            check=False)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if result.returncode == 3:                 # the engine is not installed
         return None
     if result.returncode != 0:
@@ -201,11 +215,16 @@ def child_env(args) -> dict:
 
 # --- rounds, medians, ratios ---------------------------------------------------------
 
+def engines(args) -> tuple[str, str]:
+    """minicnn and what it is measured against: PyTorch, or minicnn at --baseline."""
+    return ("minicnn", "baseline") if args.baseline else ENGINES
+
+
 def measure(name: str, case: str, args, has_torch: bool) -> dict:
     """Both engines over args.rounds rounds, alternating which goes first."""
-    results = {engine: [] for engine in ENGINES}
+    results = {engine: [] for engine in engines(args)}
     for round_index in range(args.rounds):
-        order = ENGINES if round_index % 2 == 0 else ENGINES[::-1]
+        order = engines(args) if round_index % 2 == 0 else engines(args)[::-1]
         for engine in order:
             if engine == "torch" and not has_torch:
                 continue
@@ -214,8 +233,10 @@ def measure(name: str, case: str, args, has_torch: bool) -> dict:
 
 
 def summary(results: dict) -> dict:
+    """Medians of minicnn and of the other engine (its key is "torch" for either)."""
+    other = next(engine for engine in results if engine != "minicnn")
     ours = [r["images_per_second"] for r in results["minicnn"]]
-    theirs = [r["images_per_second"] for r in results["torch"]]
+    theirs = [r["images_per_second"] for r in results[other]]
     ratios = [a / b for a, b in zip(ours, theirs)]
     return {
         "minicnn": statistics.median(ours),
@@ -223,7 +244,7 @@ def summary(results: dict) -> dict:
         "ratio": statistics.median(ratios) if ratios else None,
         "ratios": ratios,
         "minicnn_mb": statistics.median(r["peak_mb"] for r in results["minicnn"]),
-        "torch_mb": statistics.median(r["peak_mb"] for r in results["torch"]) if theirs else None,
+        "torch_mb": statistics.median(r["peak_mb"] for r in results[other]) if theirs else None,
     }
 
 
@@ -232,8 +253,9 @@ def fmt(value, spec: str) -> str:
 
 
 def print_table(args, has_torch: bool) -> None:
-    print(f"{'model':<8}{'case':<12}{'minicnn img/s':>14}{'torch img/s':>13}{'ratio':>7}"
-          f"{'ratio range':>14}{'minicnn MB':>12}{'torch MB':>10}")
+    other = "base" if args.baseline else "torch"
+    print(f"{'model':<8}{'case':<12}{'minicnn img/s':>14}{other + ' img/s':>13}{'ratio':>7}"
+          f"{'ratio range':>14}{'minicnn MB':>12}{other + ' MB':>10}")
     report = []
     for name in args.models:
         for case in args.cases:
@@ -396,6 +418,8 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=1, help="--epoch: epochs per run")
     parser.add_argument("--batch-size", type=int, default=64, help="--epoch: batch size")
     parser.add_argument("--data-dir", help="--epoch: CIFAR-10 folder (default: $MINICNN_DATA)")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="measure against minicnn at the checkout DIR, not PyTorch")
     parser.add_argument("--profile", action="store_true",
                         help="print minicnn's time per layer (forward, backward) instead")
     parser.add_argument("--profile-steps", type=int, default=50)
@@ -408,6 +432,11 @@ def main(argv=None) -> int:
             parser.error(f"--{option.replace('_', '-')} needs at least 1")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads needs at least 1, got {args.threads}")
+    if args.baseline and (args.epoch or args.profile):
+        parser.error("--baseline compares the step cases only, not --epoch or --profile")
+    if args.baseline and not (Path(args.baseline) / "benchmarks" / "bench_cpu.py").is_file():
+        parser.error(f"--baseline {args.baseline}: not a minicnn checkout "
+                     "(no benchmarks/bench_cpu.py there)")
     if args.seconds <= 0 or args.warmup < 0:
         parser.error("--seconds must be > 0 and --warmup >= 0")
     try:

@@ -33,6 +33,16 @@ def test_the_table_has_a_row_per_case_and_says_which_kernels_ran():
         assert float(row[2].replace(",", "")) > 0                   # minicnn images/s
 
 
+def test_baseline_measures_minicnn_against_another_checkout():
+    """Here the other checkout is this one: both columns are minicnn's, from fresh
+    processes of their own scripts."""
+    out = bench("--models", "lenet", "--cases", "infer-16", "--baseline",
+                str(SCRIPT.parents[1]), *QUICK).stdout
+    header, row = (line for line in out.splitlines() if line.startswith(("model", "lenet")))
+    assert "base img/s" in header and "torch" not in header
+    assert float(row.split()[2].replace(",", "")) > 0 and float(row.split()[3].replace(",", "")) > 0
+
+
 @pytest.mark.parametrize("engine", ["minicnn", "torch"])
 def test_a_child_measures_one_engine_alone(engine):
     if engine == "torch":
@@ -76,6 +86,8 @@ def test_the_epoch_race_runs_both_training_commands(tiny_cifar):
     (("--cases", "train-64"), "a case is api-N, fit-N or infer-N"),
     (("--models", "resnet"), "unknown model 'resnet'"),
     (("--rounds", "0"), "--rounds needs at least 1"),
+    (("--baseline", "/nonexistent"), "not a minicnn checkout"),
+    (("--baseline", ".", "--epoch"), "--baseline compares the step cases only"),
 ])
 def test_bad_options_are_refused_in_one_line(args, message):
     result = bench(*args, check=False)
