@@ -85,7 +85,8 @@ def test_prepare_switches_each_layer_in_place_and_back():
     assert conv.params["weight"] is weight
     assert repr(conv).startswith("Conv2d(")                  # the layer's name either way
     conv.forward(np.zeros((1, 3, 6, 6), np.float32))
-    assert conv._scratch
+    conv.backward(np.ones((1, 4, 4, 4), np.float32))
+    assert conv._scratch                                     # its own dY grid
     kernels.prepare(net, "reference")
     assert [type(m) for m in net.layers] == [Conv2d, ReLU, MaxPool2d, Linear]
     assert type(net) is Sequential and "_scratch" not in conv.__dict__
@@ -205,9 +206,13 @@ def test_fast_conv_reuses_its_scratch_buffers_across_calls(xp):
     conv = fast_copy(Conv2d(3, 2, 3))
     x = backend.make_rng(0).standard_normal((4, 3, 6, 6)).astype(xp.float32)
     first = conv.forward(x).copy()
-    buffers = dict(conv._scratch)
+    conv.backward(xp.ones_like(first))
+    own, shared = dict(conv._scratch), dict(fast_conv._SHARED_SCRATCH)
     second = conv.forward(x)
-    assert buffers and all(conv._scratch[key] is buffers[key] for key in buffers)
+    conv.backward(xp.ones_like(first))
+    assert own and shared
+    assert all(conv._scratch[key] is own[key] for key in own)                 # its dY grid
+    assert all(fast_conv._SHARED_SCRATCH[key] is shared[key] for key in shared)   # cols, ...
     assert_close(second, first, exact=True)
 
 

@@ -142,8 +142,8 @@ class FastConv2d(Conv2d):
         one after the other, and a chunk is done with it before the next begins.
         ``zeroed``: this layer's own buffer, zeros when made and kept only for this
         layout of an image, so the entries that its one user never writes stay 0 from
-        call to call (the flat cols' last columns, a dY grid's extra columns): cheaper
-        than writing those zeros on every call."""
+        call to call (a dY grid's extra columns): cheaper than writing those zeros on
+        every call, for buffers that are small."""
         size, layout = math.prod(shape), tuple(shape[1:])
         store = self._scratch if zeroed else _SHARED_SCRATCH
         buffer, made_for = store.get((what, worker), (None, None))
@@ -156,17 +156,17 @@ class FastConv2d(Conv2d):
         return buffer[:size].reshape(shape)
 
     def _cols(self, x, part, worker: int, flat: bool, pairs: bool = False):
-        """cols of the images ``part`` of x, in this worker's buffer: im2col (plain), or
-        im2col_flat (or for pairs im2col_flat_pairs), whose last columns stay 0 in a
-        buffer kept for that."""
+        """cols of the images ``part`` of x, in this worker's buffer (shared by all layers:
+        cols are the largest scratch, and one per layer would add up): im2col (plain),
+        or im2col_flat (or for pairs im2col_flat_pairs), which also writes the zeros of
+        the last columns."""
         kh, kw = self.kernel_size
         count = self._cols_per_image(x, flat, pairs)
         what = "flat pairs cols" if pairs else "flat cols" if flat else "cols"
-        out = self._buffer(what, worker, (part.stop - part.start, count), x, zeroed=flat)
+        out = self._buffer(what, worker, (part.stop - part.start, count), x)
         if flat:        # (B, C*kh*kw, OH*Wp), or for pairs (B, C*kh*(kw+1), OH*Wp/2)
             flat_im2col = im2col_flat_pairs if pairs else im2col_flat
-            return flat_im2col(pad_hw(x[part], self.padding), kh, kw, out=out,
-                               tails_are_zero=True)
+            return flat_im2col(pad_hw(x[part], self.padding), kh, kw, out=out)
         return im2col(x[part], kh, kw, self.stride, self.padding, out=out)   # (C*kh*kw, B*OH*OW)
 
     def chunks(self, x, path: str, dx: bool = False):
@@ -407,9 +407,9 @@ class FastConv2d(Conv2d):
         dy_grid = dy_grid.reshape(b, dy_rows, -1)                  # (B, OC or 2*OC, grid cells)
         if dx is not None:      # dcols = W.T @ dY, in rows padded with zeros for col2im_flat_rows
             weight = self._product_weight(pairs=False)
-            rows = self._buffer("dcols", worker, (b, weight.shape[1], hp * wp), dy_grid,
-                                zeroed=True)                           # only [..., :OH*Wp] written
+            rows = self._buffer("dcols", worker, (b, weight.shape[1], hp * wp), dy_grid)
             xp.matmul(weight.T, dy_grid, out=rows[..., :dy_grid.shape[2]])
+            rows[..., dy_grid.shape[2]:] = 0
             dx_pad = col2im_flat_rows(rows, (b, self.in_channels, hp, wp), kh, kw)
             dx[part] = dx_pad[:, :, p:p + h, p:p + w]
         # dW = sum over images of dY_n @ cols_n.T. Unpaired it is computed as

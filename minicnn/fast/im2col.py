@@ -30,7 +30,7 @@ from minicnn import backend
 # add nothing to dW or dx. The last row's extra columns would read past the image:
 # their cols are set to 0 instead.
 
-def im2col_flat(x_pad, kh: int, kw: int, out=None, tails_are_zero: bool = False):
+def im2col_flat(x_pad, kh: int, kw: int, out=None):
     """Stride-1 im2col of an already padded, C-contiguous (N, C, Hp, Wp) array.
 
     Returns one cols matrix per image, shape (N, C*kh*kw, OH*Wp)::
@@ -39,8 +39,7 @@ def im2col_flat(x_pad, kh: int, kw: int, out=None, tails_are_zero: bool = False)
 
     for q < L = (OH-1)*Wp + OW, and 0 for the last row's extra columns q >= L.
     The largest index read is L-1 + (kh-1)*Wp + kw-1 = Hp*Wp - 1: every read
-    stays inside its own image. ``tails_are_zero``: ``out`` already holds 0 in
-    those last columns (a buffer kept for this), so they are not written again.
+    stays inside its own image.
     """
     xp = backend.array_module(x_pad)
     n, c, hp, wp = x_pad.shape
@@ -56,8 +55,7 @@ def im2col_flat(x_pad, kh: int, kw: int, out=None, tails_are_zero: bool = False)
     cols = xp.empty(count, x_pad.dtype) if out is None else out.reshape(-1)[:count]
     cols = cols.reshape(n, c, kh, kw, oh * wp)
     cols[..., :length] = shifted
-    if not tails_are_zero:
-        cols[..., length:] = 0
+    cols[..., length:] = 0
     return cols.reshape(n, c * kh * kw, oh * wp)
 
 
@@ -126,7 +124,7 @@ def col2im_flat_rows(rows, x_pad_shape, kh: int, kw: int):
 # q2 = oh*Wp/2 + ow//2, position p = ow % 2: the products come out as (OC, 2, OH, Wp/2),
 # the even columns of the grid, then the odd ones.
 
-def im2col_flat_pairs(x_pad, kh: int, kw: int, out=None, tails_are_zero: bool = False):
+def im2col_flat_pairs(x_pad, kh: int, kw: int, out=None):
     """Stride-1 im2col for outputs in pairs, of a C-contiguous (N, C, Hp, Wp) array with
     Wp even and kw odd. Returns (N, C*kh*(kw+1), OH*Wp/2)::
 
@@ -136,7 +134,6 @@ def im2col_flat_pairs(x_pad, kh: int, kw: int, out=None, tails_are_zero: bool = 
     for q2 >= L/2. The largest index read is L-2 + (kh-1)*Wp + kw = Hp*Wp - 1 (kw odd
     and Wp even make L even): every read stays inside its own image. The reads go
     through a copy of x_pad with its even and odd pixels apart (comment below).
-    ``tails_are_zero``: ``out`` already holds 0 in the last columns.
     """
     xp = backend.array_module(x_pad)
     n, c, hp, wp = x_pad.shape
@@ -158,8 +155,7 @@ def im2col_flat_pairs(x_pad, kh: int, kw: int, out=None, tails_are_zero: bool = 
     cols = xp.empty(count, x_pad.dtype) if out is None else out.reshape(-1)[:count]
     cols = cols.reshape(n, c, kh, (kw + 1) // 2, 2, oh * wp // 2)      # j' = 2a + b as (a, b)
     cols[..., :pairs] = shifted                                     # shifted is only read from
-    if not tails_are_zero:
-        cols[..., pairs:] = 0
+    cols[..., pairs:] = 0
     return cols.reshape(n, c * kh * (kw + 1), oh * wp // 2)
 
 
