@@ -202,7 +202,11 @@ def test_outputs_in_pairs_match_the_reference(xp, threads, monkeypatch, dtype, p
         assert_same_results(run(fast, x), expected_run)
 
 
-def test_fast_conv_reuses_its_scratch_buffers_across_calls(xp):
+def test_fast_conv_reuses_its_scratch_buffers_across_calls(xp, monkeypatch):
+    """One thread (which thread takes which chunk varies), and a fresh shared store (other
+    tests leave buffers of other sizes in it)."""
+    monkeypatch.setattr(fast_conv, "_SHARED_SCRATCH", {})
+    monkeypatch.setattr(parallel, "_workers", 1)
     conv = fast_copy(Conv2d(3, 2, 3))
     x = backend.make_rng(0).standard_normal((4, 3, 6, 6)).astype(xp.float32)
     first = conv.forward(x).copy()
