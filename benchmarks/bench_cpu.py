@@ -233,18 +233,18 @@ def measure(name: str, case: str, args, has_torch: bool) -> dict:
 
 
 def summary(results: dict) -> dict:
-    """Medians of minicnn and of the other engine (its key is "torch" for either)."""
+    """Medians of minicnn and of the other engine ("torch" or "baseline"), keyed by name."""
     other = next(engine for engine in results if engine != "minicnn")
     ours = [r["images_per_second"] for r in results["minicnn"]]
     theirs = [r["images_per_second"] for r in results[other]]
     ratios = [a / b for a, b in zip(ours, theirs)]
     return {
         "minicnn": statistics.median(ours),
-        "torch": statistics.median(theirs) if theirs else None,
+        other: statistics.median(theirs) if theirs else None,
         "ratio": statistics.median(ratios) if ratios else None,
         "ratios": ratios,
         "minicnn_mb": statistics.median(r["peak_mb"] for r in results["minicnn"]),
-        "torch_mb": statistics.median(r["peak_mb"] for r in results[other]) if theirs else None,
+        f"{other}_mb": statistics.median(r["peak_mb"] for r in results[other]) if theirs else None,
     }
 
 
@@ -253,9 +253,10 @@ def fmt(value, spec: str) -> str:
 
 
 def print_table(args, has_torch: bool) -> None:
-    other = "base" if args.baseline else "torch"
-    print(f"{'model':<8}{'case':<12}{'minicnn img/s':>14}{other + ' img/s':>13}{'ratio':>7}"
-          f"{'ratio range':>14}{'minicnn MB':>12}{other + ' MB':>10}")
+    other = engines(args)[1]
+    label = "base" if args.baseline else "torch"
+    print(f"{'model':<8}{'case':<12}{'minicnn img/s':>14}{label + ' img/s':>13}{'ratio':>7}"
+          f"{'ratio range':>14}{'minicnn MB':>12}{label + ' MB':>10}")
     report = []
     for name in args.models:
         for case in args.cases:
@@ -263,8 +264,8 @@ def print_table(args, has_torch: bool) -> None:
             spread = (f"{min(row['ratios']):.2f}-{max(row['ratios']):.2f}"
                       if row["ratios"] else "-")
             print(f"{name:<8}{case:<12}{fmt(row['minicnn'], ',.0f'):>14}"
-                  f"{fmt(row['torch'], ',.0f'):>13}{fmt(row['ratio'], '.2f'):>7}{spread:>14}"
-                  f"{fmt(row['minicnn_mb'], '.1f'):>12}{fmt(row['torch_mb'], '.1f'):>10}",
+                  f"{fmt(row[other], ',.0f'):>13}{fmt(row['ratio'], '.2f'):>7}{spread:>14}"
+                  f"{fmt(row['minicnn_mb'], '.1f'):>12}{fmt(row[other + '_mb'], '.1f'):>10}",
                   flush=True)
             report.append({"model": name, "case": case, **row})
     if args.json:

@@ -484,7 +484,6 @@ def test_inference_runs_a_batch_in_parts_one_per_thread(xp, threads, name, confi
     assert fast._inference_parts(x) is None
 
 
-
 @pytest.mark.parametrize("name,config,frozen_stem", [
     ("lenet", {}, False), ("airnet", {"width": 4}, False),
     ("airnet", {"widths": [4, 8, 8], "stem": "whiten"}, False),

@@ -12,11 +12,12 @@ db = sum dY, dx = col2im(W.T @ dY)), with these differences in how:
 - Backward recomputes a chunk's cols from x instead of keeping them from
   forward: training keeps only x, as PyTorch does.
 - Flat cols (stride 1, small products per image, at most FLAT_PRODUCT_MACS
-  multiply-adds, or at most FLAT_MAX_OUT_CHANNELS filters): :func:`~minicnn.fast.im2col.im2col_flat`, one strided copy,
-  and one small product per image, which BLAS runs with its fast small-matrix
-  kernels. The outputs come on a grid of OH x Wp instead of OH x OW; the extra
-  columns are cropped from Y and get dY = 0 in backward, so they change
-  neither dW nor dx. col2im is one sum over a strided view
+  multiply-adds, or at most FLAT_MAX_OUT_CHANNELS filters):
+  :func:`~minicnn.fast.im2col.im2col_flat`, one strided copy, and one small
+  product per image, which BLAS runs with its fast small-matrix kernels. The
+  outputs come on a grid of OH x Wp instead of OH x OW; the extra columns are
+  cropped from Y and get dY = 0 in backward, so they change neither dW nor dx.
+  col2im is one sum over a strided view
   (:func:`~minicnn.fast.im2col.col2im_flat_rows`).
 - Outputs in pairs (flat layers with at most PAIRS_MAX_OUT_CHANNELS filters, and
   no dx to compute): W' holds each filter twice, shifted by one column, and one

@@ -60,11 +60,16 @@ def _default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _outer_worker() -> int | None:
+    """The worker whose part of run_chunks this thread is running, or None."""
+    return getattr(_part, "worker", None)
+
+
 def workers() -> int:
     """How many threads run_chunks uses on NumPy (1 inside in_calling_thread(), and inside
     a part of another run_chunks)."""
     global _workers
-    if _in_calling_thread or getattr(_part, "worker", None) is not None:
+    if _in_calling_thread or _outer_worker() is not None:
         return 1
     if _workers is None:
         _workers = _default_workers()
@@ -144,11 +149,13 @@ def run_chunks(work, parts: list, array) -> list:
 
     ``worker`` is the index of the thread (0 .. workers()-1) so that ``work``
     can use scratch space of its own. ``array`` tells the backend: CuPy
-    arrays are worked on in the calling thread, one part after the other.
+    arrays are worked on in the calling thread, one part after the other. Called
+    inside a part of another run_chunks (FastSequential's inference parts), it works
+    in that part's thread, as that worker, so that it uses that worker's scratch space.
     """
-    outer = getattr(_part, "worker", None)
-    if outer is not None:           # inside a part of another run_chunks: that worker's
-        return [work(part, outer) for part in parts]          # thread and scratch space
+    outer = _outer_worker()
+    if outer is not None:
+        return [work(part, outer) for part in parts]
     count = min(workers(), len(parts))
     if count == 1 or not backend.on_cpu(array):
         return [work(part, 0) for part in parts]
