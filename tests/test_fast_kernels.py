@@ -166,12 +166,38 @@ def test_a_backward_that_computes_dx_counts_its_dcols_rows_in_the_chunk_size(xp,
     itemsize = x.dtype.itemsize
     per_image_forward = (150 * 140) * itemsize             # cols: C*kh*kw x OH*Wp
     per_image_dx = per_image_forward + (150 * 14 * 14) * itemsize   # + rows: C*kh*kw x Hp*Wp
-    monkeypatch.setattr(fast_conv, "CHUNK_BYTES", 4 * per_image_forward)
+    for name in ("CHUNK_BYTES", "ONE_THREAD_CHUNK_BYTES"):
+        monkeypatch.setattr(fast_conv, name, 4 * per_image_forward)
     forward_parts, dx_parts = fast.chunks(x, "flat"), fast.chunks(x, "flat", dx=True)
     assert len(dx_parts) > len(forward_parts)
     assert max(p.stop - p.start for p in dx_parts) * per_image_dx <= fast_conv.CHUNK_BYTES
     assert [i for p in dx_parts for i in range(p.start, p.stop)] == list(range(24))
     assert_same_results(run(fast, x), run(reference, x))
+
+
+def test_a_thread_that_works_alone_takes_the_smaller_chunks(monkeypatch):
+    """ONE_THREAD_CHUNK_BYTES where one thread of the process runs the kernels (each
+    process of the replicas, or one worker); CHUNK_BYTES where several do, inside the
+    parts of inference too (the other parts run meanwhile)."""
+    x = np.zeros((24, 6, 14, 14))
+    conv = fast_copy(Conv2d(6, 16, 5))
+    per_image = (150 * 140) * x.dtype.itemsize                  # forward's cols
+    monkeypatch.setattr(fast_conv, "CHUNK_BYTES", 6 * per_image)
+    monkeypatch.setattr(fast_conv, "ONE_THREAD_CHUNK_BYTES", 2 * per_image)
+
+    def largest_chunk(_=None, __=None):
+        return parallel.threads_at_work(), max(p.stop - p.start for p in conv.chunks(x, "flat"))
+
+    parallel.set_workers(2)
+    try:
+        assert largest_chunk() == (2, 6)
+        with parallel.in_calling_thread():
+            assert largest_chunk() == (1, 2)
+        assert parallel.run_chunks(largest_chunk, [slice(0, 1), slice(1, 2)], x) == [(2, 6)] * 2
+        parallel.set_workers(1)
+        assert largest_chunk() == (1, 2)
+    finally:
+        parallel.set_workers(parallel._default_workers())
 
 
 def test_few_filters_take_outputs_in_pairs_only_where_they_can(xp):

@@ -76,6 +76,17 @@ def workers() -> int:
     return _workers
 
 
+def threads_at_work() -> int:
+    """How many threads of this process run minicnn's kernels at the same time: 1 inside
+    in_calling_thread() (each process of the replicas), all the workers inside a part
+    of another run_chunks (the other parts run meanwhile), else workers()."""
+    if _in_calling_thread:
+        return 1
+    if _outer_worker() is not None:
+        return _workers or _default_workers()
+    return workers()
+
+
 @contextlib.contextmanager
 def in_calling_thread():
     """Meanwhile, run_chunks works in the calling thread only: for a process that
