@@ -582,7 +582,8 @@ def training_step(model, criterion):
     the batch split over processes by the replicas of the fast kernels
     (minicnn.fast.replicas) where they help, else :func:`forward_backward`. Replicas
     are not used on the reference kernels, where there is one CPU or
-    MINICNN_PROCESSES=1, on the GPU, or for a model with batch statistics."""
+    MINICNN_PROCESSES=1, on the GPU, or for a model with batch statistics that the
+    processes cannot share (every BatchNorm2d of the fast kernels can)."""
     if kernels.of(model) == "fast":
         from minicnn.fast.replicas import Replicas, default_processes   # imports this module
         if default_processes(model) > 1:
