@@ -175,10 +175,11 @@ def test_a_backward_that_computes_dx_counts_its_dcols_rows_in_the_chunk_size(xp,
     assert_same_results(run(fast, x), run(reference, x))
 
 
-def test_a_thread_that_works_alone_takes_the_smaller_chunks(monkeypatch):
-    """ONE_THREAD_CHUNK_BYTES where one thread of the process runs the kernels (each
-    process of the replicas, or one worker); CHUNK_BYTES where several do, inside the
-    parts of inference too (the other parts run meanwhile)."""
+def test_training_on_a_thread_that_works_alone_takes_the_smaller_chunks(monkeypatch):
+    """ONE_THREAD_CHUNK_BYTES in training where one thread of the process runs the
+    kernels (each process of the replicas, or one worker); CHUNK_BYTES where several
+    do (inside the parts of inference too: the other parts run meanwhile), and in eval
+    mode."""
     x = np.zeros((24, 6, 14, 14))
     conv = fast_copy(Conv2d(6, 16, 5))
     per_image = (150 * 140) * x.dtype.itemsize                  # forward's cols
@@ -196,6 +197,8 @@ def test_a_thread_that_works_alone_takes_the_smaller_chunks(monkeypatch):
         assert parallel.run_chunks(largest_chunk, [slice(0, 1), slice(1, 2)], x) == [(2, 6)] * 2
         parallel.set_workers(1)
         assert largest_chunk() == (1, 2)
+        conv.eval()
+        assert largest_chunk() == (1, 6)
     finally:
         parallel.set_workers(parallel._default_workers())
 

@@ -8,9 +8,9 @@ db = sum dY, dx = col2im(W.T @ dY)), with these differences in how:
   CHUNK_BYTES, so a chunk's cols stay in the CPU cache between the copy and
   the matrix product (the whole batch's cols are tens of times the input). dW
   and db are sums over images, so the chunks' parts add up. A backward that
-  computes dx also holds dcols, so its chunks count both. A thread that works
-  alone (each process of minicnn.fast.replicas) takes smaller chunks,
-  ONE_THREAD_CHUNK_BYTES (see chunks).
+  computes dx also holds dcols, so its chunks count both. Training on a thread
+  that works alone (each process of minicnn.fast.replicas) takes smaller
+  chunks, ONE_THREAD_CHUNK_BYTES (see chunks).
 - Backward recomputes a chunk's cols from x instead of keeping them from
   forward: training keeps only x, as PyTorch does.
 - Flat cols (stride 1, small products per image, at most FLAT_PRODUCT_MACS
@@ -55,7 +55,7 @@ from minicnn.im2col import col2im, im2col, pad_hw
 from minicnn.layers.conv import Conv2d
 
 CHUNK_BYTES = 4 * 2**20        # target size of one chunk's scratch, see the module docstring
-ONE_THREAD_CHUNK_BYTES = 2 * 2**20   # ... where one thread works alone, see chunks()
+ONE_THREAD_CHUNK_BYTES = 2 * 2**20   # ... training on one thread alone, see chunks()
 FLAT_PRODUCT_MACS = 2**20      # largest product per image for flat cols (docstring)
 FLAT_MAX_OUT_CHANNELS = 64     # ... or at most this many filters, a product of any size
 PAIRS_MAX_OUT_CHANNELS = 8     # flat layers with at most this many filters take outputs in pairs
@@ -181,16 +181,17 @@ class FastConv2d(Conv2d):
         thread starts tens of microseconds after the caller, and with one chunk each the
         caller would wait.
 
-        Where this process runs one thread at a time (parallel.threads_at_work), chunks
-        of ONE_THREAD_CHUNK_BYTES: nearer the size of a core's own cache. Several threads
-        in one process take the larger ones: each chunk is dozens of NumPy calls, and
-        every call takes the GIL back, so there fewer calls win (docs/performance.md)."""
+        Training where this process runs one thread at a time (parallel.threads_at_work):
+        chunks of ONE_THREAD_CHUNK_BYTES, nearer the size of a core's own cache. Several
+        threads in one process take the larger ones: each chunk is dozens of NumPy calls,
+        and every call takes the GIL back, so there fewer calls win; so does inference
+        (docs/performance.md)."""
         n = x.shape[0]
         if self.chunk_images is None:
             size = n
         elif self.chunk_images == "auto":
             per_image = self._scratch_per_image(x, path, dx)
-            alone = backend.on_cpu(x) and parallel.threads_at_work() == 1
+            alone = self.training and backend.on_cpu(x) and parallel.threads_at_work() == 1
             target = ONE_THREAD_CHUNK_BYTES if alone else CHUNK_BYTES
             size = max(1, target // (per_image * x.dtype.itemsize))
             count = -(-n // size)                                # ceil(n / size)
