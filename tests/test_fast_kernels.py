@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from minicnn import backend, kernels
-from minicnn.fast import FastConv2d, FastMaxPool2d, FastSequential, parallel
+from minicnn.fast import FastBatchNorm2d, FastConv2d, FastMaxPool2d, FastSequential, parallel
 from minicnn.fast import conv as fast_conv
 from minicnn.fast.fused import ConvReluPool, plan
-from minicnn.layers import Conv2d, Linear, MaxPool2d, ReLU, Sequential
+from minicnn.layers import BatchNorm2d, Conv2d, Linear, MaxPool2d, ReLU, Sequential
 
 
 @pytest.fixture(params=[1, 3], ids=["1-thread", "3-threads"])
@@ -330,17 +330,46 @@ def test_set_workers_rejects_zero():
         parallel.set_workers(0)
 
 
+# --- FastBatchNorm2d: the statistics of the threads' parts added up ------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("affine", [(True, True), (False, True), (False, False)],
+                         ids=["gamma-beta", "beta", "neither"])
+@pytest.mark.parametrize("input_grad", [True, False], ids=["dx", "no-dx"])
+def test_batchnorm_in_parts_matches_the_reference(xp, threads, dtype, affine, input_grad):
+    """Training on 1 and 3 threads (5 images: uneven parts), against the reference: y,
+    dx, the parameter gradients and the running statistics; then eval mode."""
+    x = (backend.make_rng(6).standard_normal((5, 4, 3, 3)) * 2 + 1).astype(dtype)
+    weight, bias = affine
+    reference = BatchNorm2d(4, momentum=0.3, weight=weight, bias=bias).astype(
+        getattr(xp, dtype)).set_needs_input_grad(input_grad)
+    if weight:
+        reference.params["weight"][...] = xp.asarray([0.5, 1.0, 1.5, 2.0], dtype=dtype)
+    if bias:
+        reference.params["bias"][...] = xp.asarray([0.1, -0.2, 0.3, 0.0], dtype=dtype)
+    fast = fast_copy(reference)
+    fast.buffers = {key: value.copy() for key, value in reference.buffers.items()}
+    assert isinstance(fast, FastBatchNorm2d)
+    assert_same_results(run(fast, x), run(reference, x))
+    for key in reference.buffers:
+        assert_close(fast.buffers[key], reference.buffers[key])
+    assert_close(fast.eval().forward(x), reference.eval().forward(x))
+
+
 # --- FastMaxPool2d: the bracket --------------------------------------------------------
 
-@pytest.mark.parametrize("shape", [(3, 4, 8, 6), (2, 3, 7, 5)], ids=["even", "odd"])
+@pytest.mark.parametrize("shape", [(3, 4, 8, 6), (5, 3, 7, 5)], ids=["even", "odd"])
 @pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
-def test_the_bracket_matches_the_reference_bit_for_bit(xp, shape, ties):
+def test_the_bracket_matches_the_reference_bit_for_bit(xp, threads, shape, ties):
+    """On 1 and 3 threads (one part of the batch each, uneven for 5 images), in training
+    and in eval mode."""
     rng = backend.make_rng(4)
     x = rng.integers(0, 3, shape).astype(xp.float64) if ties else rng.standard_normal(shape)
     reference = MaxPool2d(2)
     fast = fast_copy(reference)
     assert fast.takes_bracket()
     assert_same_results(run(fast, x), run(reference, x), exact=True)
+    assert_close(fast.eval().forward(x), reference.eval().forward(x), exact=True)
 
 
 @pytest.mark.parametrize("k,stride,padding", [(3, 2, 1), (2, 1, 0), (3, 3, 0)])

@@ -7,11 +7,13 @@ its layers (:mod:`minicnn.kernels` does that; nothing else should):
 
     FastConv2d      chunks of images over threads, flat im2col, outputs in pairs,
                     scratch buffers kept between calls          (fast/conv.py)
-    FastMaxPool2d   2x2 stride-2 windows as a knockout bracket  (fast/pooling.py)
+    FastMaxPool2d   2x2 stride-2 windows as a knockout bracket, one part of the
+                    batch per thread                            (fast/pooling.py)
     FastSequential  each conv -> ReLU -> 2x2 max-pool run fused into one pass
                     per chunk of images                         (fast/fused.py)
-    FastBatchNorm2d the batch statistics summed over the processes that share a
-                    batch (replicas)                            (fast/norm.py)
+    FastBatchNorm2d in training, the batch statistics summed over the threads'
+                    parts of the batch and over the processes that share it
+                    (replicas)                                  (fast/norm.py)
 
 plus the helpers they share (fast/im2col.py, fast/parallel.py) and
 data-parallel training over processes (fast/replicas.py). The tests compare

@@ -1,82 +1,124 @@
 """The fast kernel of BatchNorm2d: the reference's formulas, with the batch statistics
-summed over every process that holds a part of the batch.
+summed over parts of the batch, one per CPU thread, and over every process that holds
+a part of it.
 
-minicnn.fast.replicas splits each training batch over processes. BatchNorm
-normalizes with the mean and variance of the whole batch, so each process
-sums its own part and the parts' sums are added up across the processes
-(``sync.all_sum``, an all-reduce) before they are used::
+Training splits the batch twice over: minicnn.fast.replicas gives each process a
+part, and within a process each worker thread takes a part of that
+(parallel.batch_parts; a process of the replicas runs one thread, so one part).
+BatchNorm normalizes with the mean and variance of the whole batch, so each
+thread sums its part, the threads' sums are added, and the processes' sums are
+added up across the processes (``sync.all_sum``, an all-reduce) before they are
+used::
 
     mu     = all_sum(sum of x) / M                    M = entries of a channel, whole batch
     var    = all_sum(sum of (x - mu)^2) / M
     dx     = gamma / sqrt(var + eps) * (dy - all_sum(sum dy) / M
                                            - xhat * all_sum(sum dy * xhat) / M)
 
+Everything else is per entry, so each thread computes its part of xhat, y and dx.
 The parameter gradients stay each process's own sums (dbeta = sum dy, dgamma =
 sum dy * xhat over its part): replicas add up the parts' gradients, as for
-every other layer. Without ``sync`` (one process) the kernel is the reference.
+every other layer. With one thread and no ``sync`` (one process) the kernel is the
+reference; so is eval mode (inference already runs in parts, minicnn.fast.fused).
 """
 
 from __future__ import annotations
 
 from minicnn import backend
+from minicnn.fast import parallel
 from minicnn.layers.norm import BatchNorm2d, _channel_sum, _per_channel
 
 
 class FastBatchNorm2d(BatchNorm2d):
-    """BatchNorm2d whose training statistics can span processes (``sync``)."""
+    """BatchNorm2d whose training statistics are summed over the threads' parts of the
+    batch and across processes (``sync``)."""
 
     reference_layer = BatchNorm2d
     transient = {**BatchNorm2d.transient, "sync": lambda: None}
     sync = None          # an object with all_sum(vector) -> vector, set by the replicas
 
+    def _all_sum(self, vector):
+        return vector if self.sync is None else self.sync.all_sum(vector)
+
     def forward(self, x):
-        if self.sync is None or not self.training:
+        parts = parallel.batch_parts(x.shape[0]) if x.ndim else []
+        if not self.training or (self.sync is None and len(parts) < 2):
             return super().forward(x)
         xp = backend.array_module(x)
         if x.ndim != 4 or x.shape[1] != self.num_features:
             raise ValueError(f"BatchNorm2d expected (N, {self.num_features}, H, W), "
                              f"got {tuple(x.shape)}")
+
+        def each(work):                # work(part) on every part, one thread each
+            return parallel.run_chunks(lambda part, _: work(part), parts, x)
+
         c = self.num_features
-        local = xp.concatenate([_channel_sum(x).astype(xp.float64),
-                                xp.asarray([x.size // c], dtype=xp.float64)])
-        total = self.sync.all_sum(local)
+        sums = each(lambda part: _channel_sum(x[part]).astype(xp.float64))
+        total = self._all_sum(xp.concatenate([sum(sums),
+                                              xp.asarray([x.size // c], dtype=xp.float64)]))
         m = int(total[c])
         if m < 2:
             raise ValueError(f"BatchNorm2d in training needs more than one value per channel, "
                              f"got input {tuple(x.shape)}")
         mu = (total[:c] / m).astype(x.dtype)
-        xhat = x - _per_channel(mu)
-        var = (self.sync.all_sum(_channel_sum(xhat * xhat).astype(xp.float64)) / m).astype(x.dtype)
+        xhat = xp.empty_like(x)
+
+        def center(part):
+            xp.subtract(x[part], _per_channel(mu), out=xhat[part])
+            return _channel_sum(xhat[part] * xhat[part]).astype(xp.float64)
+
+        var = (self._all_sum(sum(each(center))) / m).astype(x.dtype)
         inv_std = 1.0 / xp.sqrt(var + self.eps)
-        xhat *= _per_channel(inv_std)
+        y = xp.empty_like(x)
+
+        def scale(part):
+            xhat[part] *= _per_channel(inv_std)
+            if "weight" in self.params:
+                xp.multiply(xhat[part], _per_channel(self.params["weight"]), out=y[part])
+            else:
+                y[part] = xhat[part]
+            if "bias" in self.params:
+                y[part] += _per_channel(self.params["bias"])
+
+        each(scale)
         self.cache = ("train", xhat, inv_std, m)
         running_mean, running_var = self.buffers["running_mean"], self.buffers["running_var"]
         running_mean *= 1.0 - self.momentum
         running_mean += self.momentum * mu.astype(running_mean.dtype)
         running_var *= 1.0 - self.momentum
         running_var += (self.momentum * m / (m - 1)) * var.astype(running_var.dtype)
-        y = xhat * _per_channel(self.params["weight"]) if "weight" in self.params else xhat.copy()
-        if "bias" in self.params:
-            y += _per_channel(self.params["bias"])
         return y
 
     def backward(self, dy):
-        if self.cache is None or len(self.cache) != 4:      # eval, or statistics of one process
+        if self.cache is None or len(self.cache) != 4:      # eval, or the reference's forward
             return super().backward(dy)
         xp = backend.array_module(dy)
         _, xhat, inv_std, m = self.cache
         c = self.num_features
-        d_beta, d_gamma = _channel_sum(dy), _channel_sum(dy * xhat)   # this part's sums
+        parts = parallel.batch_parts(dy.shape[0])
+
+        def each(work):
+            return parallel.run_chunks(lambda part, _: work(part), parts, dy)
+
+        sums = sum(each(lambda part: xp.concatenate([_channel_sum(dy[part]),
+                                                     _channel_sum(dy[part] * xhat[part])])))
+        d_beta, d_gamma = sums[:c], sums[c:]                  # this process's sums
         if "bias" in self.params:
             self.grads["bias"] = d_beta
         if "weight" in self.params:
             self.grads["weight"] = d_gamma
         if not self.needs_input_grad:          # the same in every process: none all-sums
             return None
-        total = self.sync.all_sum(xp.concatenate([d_beta, d_gamma]).astype(xp.float64))
+        total = self._all_sum(sums.astype(xp.float64))
         mean_dy, mean_dy_xhat = (total[:c] / m).astype(dy.dtype), (total[c:] / m).astype(dy.dtype)
-        dx = xhat * _per_channel(-mean_dy_xhat)
-        dx += dy
-        dx -= _per_channel(mean_dy)
-        dx *= _per_channel(self._times_gamma(inv_std))
+        times_gamma = self._times_gamma(inv_std)
+        dx = xp.empty_like(dy)
+
+        def gradient(part):
+            xp.multiply(xhat[part], _per_channel(-mean_dy_xhat), out=dx[part])
+            dx[part] += dy[part]
+            dx[part] -= _per_channel(mean_dy)
+            dx[part] *= _per_channel(times_gamma)
+
+        each(gradient)
         return dx

@@ -1,4 +1,5 @@
-"""The fast kernel of MaxPool2d for the common 2x2 window with stride 2: a knockout bracket.
+"""The fast kernel of MaxPool2d for the common 2x2 window with stride 2: a knockout bracket,
+on every CPU thread (one part of the batch each).
 
 It computes what the reference computes (minicnn/layers/pooling.py: the max of
 each window, and backward sends dy to the window's first maximum), with less
@@ -18,6 +19,7 @@ Other windows, strides and paddings run the reference.
 from __future__ import annotations
 
 from minicnn import backend
+from minicnn.fast import parallel
 from minicnn.layers.pooling import MaxPool2d
 
 
@@ -36,13 +38,14 @@ class FastMaxPool2d(MaxPool2d):
         oh, ow = self.output_shape(x)
         n, c = x.shape[:2]
         y = xp.empty((n, c, oh, ow), dtype=x.dtype)
-        self.cache = None
-        if not self.training:
-            bracket_forward(window_cells(x, oh, ow), y)
-            return y
-        won = tuple(xp.empty((n, c, oh, ow), dtype=bool) for _ in range(3))
-        bracket_forward(window_cells(x, oh, ow), y, won)
-        self.cache = ("bracket", x.shape, won)
+        won = tuple(xp.empty((n, c, oh, ow), dtype=bool) for _ in range(3)) if self.training else None
+
+        def part_forward(part, _):            # the images ``part``, on one thread
+            bracket_forward(window_cells(x[part], oh, ow), y[part],
+                            None if won is None else tuple(mask[part] for mask in won))
+
+        parallel.run_chunks(part_forward, parallel.batch_parts(n), x)
+        self.cache = ("bracket", x.shape, won) if self.training else None
         return y
 
     def backward(self, dy):
@@ -51,9 +54,14 @@ class FastMaxPool2d(MaxPool2d):
         xp = backend.array_module(dy)
         _, (n, c, h, w), won = self.cache
         dx = xp.empty((n, c, h, w), dtype=dy.dtype)
-        dx[:, :, 2 * (h // 2):] = 0                # the odd last row or column, if any
-        dx[:, :, :, 2 * (w // 2):] = 0
-        bracket_backward(dy, won, window_cells(dx, *dy.shape[2:]))
+
+        def part_backward(part, _):
+            dx[part, :, 2 * (h // 2):] = 0         # the odd last row or column, if any
+            dx[part, :, :, 2 * (w // 2):] = 0
+            bracket_backward(dy[part], tuple(mask[part] for mask in won),
+                             window_cells(dx[part], *dy.shape[2:]))
+
+        parallel.run_chunks(part_backward, parallel.batch_parts(n), dy)
         return dx
 
 
