@@ -325,6 +325,14 @@ def test_run_chunks_inside_a_part_works_in_that_thread_as_that_worker(threads):
     assert parallel.workers() == threads            # back to normal outside the parts
 
 
+def test_batch_parts_give_each_thread_a_part_on_the_cpu_only(xp, threads):
+    parts = parallel.batch_parts(xp.zeros((5, 2)))
+    expected = min(threads, 5) if backend.on_cpu(xp.zeros(1)) else 1
+    assert len(parts) == expected
+    assert [i for part in parts for i in range(part.start, part.stop)] == list(range(5))
+    assert parallel.batch_parts(xp.zeros((1, 2))) == [slice(0, 1)]
+
+
 def test_set_workers_rejects_zero():
     with pytest.raises(ValueError, match="at least one"):
         parallel.set_workers(0)

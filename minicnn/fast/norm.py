@@ -18,8 +18,9 @@ used::
 Everything else is per entry, so each thread computes its part of xhat, y and dx.
 The parameter gradients stay each process's own sums (dbeta = sum dy, dgamma =
 sum dy * xhat over its part): replicas add up the parts' gradients, as for
-every other layer. With one thread and no ``sync`` (one process) the kernel is the
-reference; so is eval mode (inference already runs in parts, minicnn.fast.fused).
+every other layer. With one part and no ``sync`` (one thread and one process, or on
+CuPy) the kernel is the reference; so is eval mode (inference already runs in parts,
+minicnn.fast.fused).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class FastBatchNorm2d(BatchNorm2d):
         return vector if self.sync is None else self.sync.all_sum(vector)
 
     def forward(self, x):
-        parts = parallel.batch_parts(x.shape[0]) if x.ndim else []
+        parts = parallel.batch_parts(x) if x.ndim else []
         if not self.training or (self.sync is None and len(parts) < 2):
             return super().forward(x)
         xp = backend.array_module(x)
@@ -95,7 +96,7 @@ class FastBatchNorm2d(BatchNorm2d):
         xp = backend.array_module(dy)
         _, xhat, inv_std, m = self.cache
         c = self.num_features
-        parts = parallel.batch_parts(dy.shape[0])
+        parts = parallel.batch_parts(dy)
 
         def each(work):
             return parallel.run_chunks(lambda part, _: work(part), parts, dy)

@@ -44,7 +44,7 @@ class FastMaxPool2d(MaxPool2d):
             bracket_forward(window_cells(x[part], oh, ow), y[part],
                             None if won is None else tuple(mask[part] for mask in won))
 
-        parallel.run_chunks(part_forward, parallel.batch_parts(n), x)
+        parallel.run_chunks(part_forward, parallel.batch_parts(x), x)
         self.cache = ("bracket", x.shape, won) if self.training else None
         return y
 
@@ -61,7 +61,7 @@ class FastMaxPool2d(MaxPool2d):
             bracket_backward(dy[part], tuple(mask[part] for mask in won),
                              window_cells(dx[part], *dy.shape[2:]))
 
-        parallel.run_chunks(part_backward, parallel.batch_parts(n), dy)
+        parallel.run_chunks(part_backward, parallel.batch_parts(dy), dy)
         return dx
 
 
