@@ -174,12 +174,10 @@ class FastSequential(Sequential):
         (at least INFERENCE_MIN_PART_IMAGES images each), each part run through every
         layer by its own thread, so that every layer works on all cores, not only the
         convs. Else None: the layers one after the other on the whole batch."""
-        n = x.shape[0] if x.ndim else 0
-        count = min(parallel.workers(), n // INFERENCE_MIN_PART_IMAGES)
-        if self.training or not backend.on_cpu(x) or count < 2:
+        if self.training or not x.ndim:
             return None
-        bounds = [n * k // count for k in range(count + 1)]
-        return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
+        parts = parallel.batch_parts(x, INFERENCE_MIN_PART_IMAGES)
+        return parts if len(parts) > 1 else None
 
     def backward(self, dy):
         steps = self.__dict__.get("_steps")

@@ -30,6 +30,11 @@ from minicnn.fast import parallel
 from minicnn.layers.norm import BatchNorm2d, _channel_sum, _per_channel
 
 
+def _over_parts(work, parts: list, array) -> list:
+    """[work(part) for part in parts], the parts on minicnn's threads, one each."""
+    return parallel.run_chunks(lambda part, _: work(part), parts, array)
+
+
 class FastBatchNorm2d(BatchNorm2d):
     """BatchNorm2d whose training statistics are summed over the threads' parts of the
     batch and across processes (``sync``)."""
@@ -49,12 +54,8 @@ class FastBatchNorm2d(BatchNorm2d):
         if x.ndim != 4 or x.shape[1] != self.num_features:
             raise ValueError(f"BatchNorm2d expected (N, {self.num_features}, H, W), "
                              f"got {tuple(x.shape)}")
-
-        def each(work):                # work(part) on every part, one thread each
-            return parallel.run_chunks(lambda part, _: work(part), parts, x)
-
         c = self.num_features
-        sums = each(lambda part: _channel_sum(x[part]).astype(xp.float64))
+        sums = _over_parts(lambda part: _channel_sum(x[part]).astype(xp.float64), parts, x)
         total = self._all_sum(xp.concatenate([sum(sums),
                                               xp.asarray([x.size // c], dtype=xp.float64)]))
         m = int(total[c])
@@ -68,7 +69,7 @@ class FastBatchNorm2d(BatchNorm2d):
             xp.subtract(x[part], _per_channel(mu), out=xhat[part])
             return _channel_sum(xhat[part] * xhat[part]).astype(xp.float64)
 
-        var = (self._all_sum(sum(each(center))) / m).astype(x.dtype)
+        var = (self._all_sum(sum(_over_parts(center, parts, x))) / m).astype(x.dtype)
         inv_std = 1.0 / xp.sqrt(var + self.eps)
         y = xp.empty_like(x)
 
@@ -81,7 +82,7 @@ class FastBatchNorm2d(BatchNorm2d):
             if "bias" in self.params:
                 y[part] += _per_channel(self.params["bias"])
 
-        each(scale)
+        _over_parts(scale, parts, x)
         self.cache = ("train", xhat, inv_std, m)
         running_mean, running_var = self.buffers["running_mean"], self.buffers["running_var"]
         running_mean *= 1.0 - self.momentum
@@ -98,11 +99,10 @@ class FastBatchNorm2d(BatchNorm2d):
         c = self.num_features
         parts = parallel.batch_parts(dy)
 
-        def each(work):
-            return parallel.run_chunks(lambda part, _: work(part), parts, dy)
+        def part_sums(part):
+            return xp.concatenate([_channel_sum(dy[part]), _channel_sum(dy[part] * xhat[part])])
 
-        sums = sum(each(lambda part: xp.concatenate([_channel_sum(dy[part]),
-                                                     _channel_sum(dy[part] * xhat[part])])))
+        sums = sum(_over_parts(part_sums, parts, dy))
         d_beta, d_gamma = sums[:c], sums[c:]                  # this process's sums
         if "bias" in self.params:
             self.grads["bias"] = d_beta
@@ -121,5 +121,5 @@ class FastBatchNorm2d(BatchNorm2d):
             dx[part] -= _per_channel(mean_dy)
             dx[part] *= _per_channel(times_gamma)
 
-        each(gradient)
+        _over_parts(gradient, parts, dy)
         return dx

@@ -155,12 +155,12 @@ def hold_blas_to_one_thread() -> None:
         _blas_limit = threadpool_limits(limits=1, user_api="blas")
 
 
-def batch_parts(array) -> list:
-    """Slices of the batch ``array`` (images first), one per worker thread (fewer if
-    there are fewer images; one on CuPy), for run_chunks on layers whose work per image
-    is a few passes over memory."""
+def batch_parts(array, min_images: int = 1) -> list:
+    """Slices of the batch ``array`` (images first), one per worker thread, each of at
+    least ``min_images`` images (so fewer parts for a small batch, and one on CuPy), for
+    run_chunks on work that goes image by image."""
     n = array.shape[0]
-    count = max(1, min(workers() if backend.on_cpu(array) else 1, n))
+    count = max(1, min(workers() if backend.on_cpu(array) else 1, n // min_images))
     bounds = [n * k // count for k in range(count + 1)]
     return [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
 
