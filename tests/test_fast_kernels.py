@@ -364,6 +364,62 @@ def test_batchnorm_in_parts_matches_the_reference(xp, threads, dtype, affine, in
     assert_close(fast.eval().forward(x), reference.eval().forward(x))
 
 
+
+
+def _forward_in_two_processes(layer, halves):
+    """layer.forward of each half of a batch, each in a thread that stands in for a
+    process of the replicas (one part, on its calling thread), their BatchNorm sums
+    added up by the replicas' own all-reduce: [y of each half]."""
+    from minicnn.fast.replicas import _AllReduce
+    barrier = threading.Barrier(2, timeout=30)
+    first = _AllReduce(2, 2 * layer.num_features + 1, barrier)
+    second = _AllReduce(0, 0, barrier, spec=first.block.spec, rank=1)
+    layers, outputs = [layer, fast_copy(layer)], [None, None]
+    for copy, sync in zip(layers, (first, second)):
+        copy.sync = sync
+
+    def run_half(rank):
+        outputs[rank] = layers[rank].forward(halves[rank])
+
+    try:
+        with parallel.in_calling_thread():
+            threads = [threading.Thread(target=run_half, args=(rank,)) for rank in (0, 1)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        for copy in layers:
+            copy.sync = None
+        second.block.close()
+        first.block.close()
+    return outputs
+
+
+@pytest.mark.parametrize("parts", ["threads", "processes"])
+def test_batchnorm_statistics_of_parts_far_from_zero(xp, threads, parts):
+    """Parts whose means differ and lie far from 0 (mean 40, std 1, float32): y is as
+    close to the float64 truth as the reference's. ``threads``: the parts of minicnn's
+    threads; ``processes``: two halves added up by the replicas' all-reduce (NumPy
+    only, as the replicas)."""
+    if parts == "processes" and backend.name() != "numpy":
+        pytest.skip("the replicas run on the NumPy backend only")
+    rng = backend.make_rng(13)
+    x64 = rng.standard_normal((6, 3, 5, 5)) + 40.0
+    x64[3:] += 0.5                                   # the second half's mean is higher
+    x = x64.astype(xp.float32)
+    truth = BatchNorm2d(3, weight=False, bias=False).forward(x64)
+    reference = BatchNorm2d(3, weight=False, bias=False).astype(xp.float32)
+    expected = reference.forward(x)
+    fast = fast_copy(reference)
+    if parts == "processes":
+        y = xp.concatenate(_forward_in_two_processes(fast, [x[:3], x[3:]]))
+    else:
+        y = fast.forward(x)
+    reference_error = float(xp.abs(expected - truth).max())
+    assert float(xp.abs(y - truth).max()) <= max(2 * reference_error, 1e-4)
+    assert_close(y, expected)
+
 # --- FastMaxPool2d: the bracket --------------------------------------------------------
 
 @pytest.mark.parametrize("shape", [(3, 4, 8, 6), (5, 3, 7, 5)], ids=["even", "odd"])
