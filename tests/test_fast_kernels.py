@@ -138,6 +138,27 @@ def test_fast_conv_matches_the_reference(xp, threads, k, stride, padding, needs_
     assert_same_results(run(fast, x), run(reference, x))
 
 
+@pytest.mark.parametrize("k,padding,channels,as_convolution", [
+    (3, 1, (5, 4), True), (3, 1, (4, 4), True), ((2, 3), 0, (5, 4), True),
+    (5, 2, (5, 5), True), (1, 0, (5, 3), True), (3, 0, (6, 2), True),
+    (3, 3, (5, 4), False), (3, 1, (4, 5), False)])
+@pytest.mark.parametrize("chunk", [1, "auto"])
+def test_channels_last_dx_as_a_convolution_of_dy(xp, threads, k, padding, channels,
+                                                 as_convolution, chunk):
+    """Channels last at stride 1 computes dx as dY's cols times the turned kernel where
+    there are no more filters than input channels and the padding is at most k - 1;
+    else by col2im. Both against the reference, float64 and float32."""
+    c, oc = channels
+    for dtype in (xp.float64, xp.float32):
+        x = backend.make_rng(21).standard_normal((5, c, 7, 6)).astype(dtype)
+        reference = Conv2d(c, oc, k, padding=padding).astype(dtype)
+        fast = fast_copy(reference)
+        fast.chunk_images = chunk
+        fast.path = lambda x: "channels-last"
+        assert fast._dx_as_convolution() is as_convolution
+        assert_same_results(run(fast, x), run(reference, x))
+
+
 @pytest.mark.parametrize("shape,channels,expected", [((2, 3, 32, 32), (3, 6, 5, 1), "flat"),
                                                      ((2, 24, 31, 31), (24, 32, 3, 1), "flat"),
                                                      ((2, 32, 15, 15), (32, 64, 3, 1), "flat"),

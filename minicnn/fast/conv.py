@@ -120,7 +120,8 @@ class FastConv2d(Conv2d):
         """Entries of scratch per image that a chunk works in: cols; for the flat
         version the output grid if that is larger (more output than input channels x
         kh x kw); channels-last adds the padded input and the output (and with ``dx``
-        dcols and the padded dx). ``dx``: a flat backward that computes dx, which holds
+        the padded dY and dx, dY's cols sharing cols' buffer; or for col2im dcols and
+        the padded dx). ``dx``: a flat backward that computes dx, which holds
         cols and the padded dcols rows (C*kh*kw x Hp*Wp, see flat_backward) at once:
         their sum. Outputs in pairs are sized as unpaired (docs/performance.md: larger
         chunks for their smaller cols were no faster)."""
@@ -129,8 +130,15 @@ class FastConv2d(Conv2d):
         flat = path == "flat"
         cols = self._cols_per_image(x, flat)
         if path == "channels-last":
-            padded = hp * wp * self.in_channels
-            return (2 * (cols + padded) if dx else cols + padded) + oh * ow * self.out_channels
+            padded, dy_t = hp * wp * self.in_channels, oh * ow * self.out_channels
+            if not dx:
+                return cols + padded + dy_t
+            if not self._dx_as_convolution():
+                return 2 * (cols + padded) + dy_t
+            h, w = x.shape[2], x.shape[3]                     # dcols share cols' buffer
+            dy_padded = (h + kh - 1) * (w + kw - 1) * self.out_channels
+            d_cols = h * w * kh * kw * self.out_channels
+            return max(cols, d_cols) + padded + dy_t + dy_padded + h * w * self.in_channels
         if not flat:
             return cols
         if dx:
@@ -213,7 +221,7 @@ class FastConv2d(Conv2d):
         path = self.path(x)
         chunk_forward = {"flat": self._forward_flat, "im2col": self._forward_im2col,
                          "channels-last": self._forward_channels_last}[path]
-        weight = self._channels_last_weight() if path == "channels-last" else None
+        weight = (self._channels_last_weight(),) if path == "channels-last" else None
         parallel.run_chunks(lambda part, worker: chunk_forward(x, y, part, worker, weight),
                             self.chunks(x, path), x)
         self.cache = x if self.training else None
@@ -227,7 +235,11 @@ class FastConv2d(Conv2d):
         path = self.path(x)
         chunk_backward = {"flat": self._backward_flat, "im2col": self._backward_im2col,
                           "channels-last": self._backward_channels_last}[path]
-        weight = self._channels_last_weight() if path == "channels-last" else None
+        weight = None
+        if path == "channels-last":                  # W^T, and W_rot if dx is a convolution
+            weight = (self._channels_last_weight(),
+                      self._rotated_weight() if dx is not None and self._dx_as_convolution()
+                      else None)
         self.store_grads(parallel.run_chunks(
             lambda part, worker: chunk_backward(x, dy, dx, part, worker, weight),
             self.chunks(x, path, dx=dx is not None), x))
@@ -271,13 +283,25 @@ class FastConv2d(Conv2d):
     # One chunk of images, channels last: cols (B*OH*OW, kh*kw*C) -------------------
     #
     # The same products, transposed: with x in the (B, H, W, C) layout each kernel
-    # offset's slice is a block of whole channel vectors, so im2col and col2im copy
-    # runs of C numbers instead of rows of OW. x and dy are put into that layout once
-    # per chunk, and y and dx back into (N, C, H, W).
+    # offset's slice is a block of whole channel vectors, so im2col copies runs of C
+    # numbers instead of rows of OW. x and dy are put into that layout once per
+    # chunk, and y and dx back into (N, C, H, W).
     #
     #     Y^T  = cols @ W^T               (B*OH*OW, OC)
     #     dW^T = cols.T @ dY^T            (kh*kw*C, OC)
-    #     dcols = dY^T @ W                (B*OH*OW, kh*kw*C), then col2im
+    #
+    # dx, at stride 1, is itself a convolution: each input pixel gathers dY from
+    # the outputs whose windows covered it, through the kernel turned by 180
+    # degrees. With dY padded by kh-1-p rows and kw-1-p columns (zeros):
+    #
+    #     dx^T = dcols @ W_rot            (B*H*W, C)
+    #     dcols[b, h, w, i, j, :] = dY_padded[b, h + i, w + j, :]
+    #     W_rot[(i, j, o), c] = W[o, c, kh-1-i, kw-1-j]
+    #
+    # so dx needs a copy and a product, not the scatter-add of col2im over kh*kw
+    # offsets (dY's cols are OC/C times the size of col2im's dcols: with more
+    # filters than input channels, and at other strides, col2im is kept:
+    # dcols = dY^T @ W, each offset's share added back).
 
     def _channels_last_weight(self):
         """W^T with its rows in cols' (i, j, c) order: (kh*kw*C, OC)."""
@@ -285,50 +309,75 @@ class FastConv2d(Conv2d):
         return backend.array_module(weight).ascontiguousarray(
             weight.transpose(2, 3, 1, 0)).reshape(-1, self.out_channels)
 
-    def _channels_last_cols(self, x, part, worker):
-        """cols (B, OH, OW, kh, kw, C) of the images ``part`` of x, in scratch buffers."""
+    def _rotated_weight(self):
+        """W_rot (kh*kw*OC, C): the kernel turned by 180 degrees, rows in (i, j, o) order."""
+        weight = self.params["weight"][:, :, ::-1, ::-1]                 # (OC, C, kh, kw)
+        return backend.array_module(weight).ascontiguousarray(
+            weight.transpose(2, 3, 0, 1)).reshape(-1, self.in_channels)
+
+    def _dx_as_convolution(self) -> bool:
+        """Whether channels-last backward computes dx as a convolution of dY: stride 1,
+        padding at most the kernel's size - 1, and no more filters than input channels
+        (dY's cols are OC/C times the size of col2im's dcols), else by col2im."""
         kh, kw = self.kernel_size
-        oh, ow, hp, wp = self.geometry(x)
-        b, c, h, w = x[part].shape
-        p, s = self.padding, self.stride
-        x_pad = self._buffer("x channels last", worker, (b, hp, wp, c), x, zeroed=True)
-        x_pad[:, p:p + h, p:p + w, :] = x[part].transpose(0, 2, 3, 1)   # the border stays 0
-        cols = self._buffer("cols channels last", worker, (b, oh, ow, kh, kw, c), x)
+        return (self.stride == 1 and self.padding <= min(kh, kw) - 1
+                and self.out_channels <= self.in_channels)
+
+    def _channels_last_cols(self, maps, part, worker, pad, what: str):
+        """cols (B, OH', OW', kh, kw, C') of the (N, C', H', W') ``maps`` (images
+        ``part``), padded by ``pad`` = (rows, columns), at this layer's stride, in
+        this worker's scratch buffers ``what``."""
+        kh, kw = self.kernel_size
+        s = self.stride
+        b, c, h, w = maps[part].shape
+        ph, pw = pad
+        oh, ow = (h + 2 * ph - kh) // s + 1, (w + 2 * pw - kw) // s + 1
+        padded = self._buffer(what + " padded", worker, (b, h + 2 * ph, w + 2 * pw, c), maps,
+                              zeroed=True)
+        padded[:, ph:ph + h, pw:pw + w, :] = maps[part].transpose(0, 2, 3, 1)  # border stays 0
+        cols = self._buffer("cols channels last", worker, (b, oh, ow, kh, kw, c), maps)
         for i in range(kh):
             for j in range(kw):
-                cols[:, :, :, i, j] = x_pad[:, i:i + s * oh:s, j:j + s * ow:s]
+                cols[:, :, :, i, j] = padded[:, i:i + s * oh:s, j:j + s * ow:s]
         return cols
 
     def _forward_channels_last(self, x, y, part, worker, weight):
         oh, ow, _, _ = self.geometry(x)
-        cols = self._channels_last_cols(x, part, worker)
+        p = self.padding
+        cols = self._channels_last_cols(x, part, worker, (p, p), "x")
         b = cols.shape[0]
         y_t = self._buffer("y channels last", worker, (b, oh, ow, self.out_channels), x)
-        backend.array_module(x).matmul(cols.reshape(b * oh * ow, -1), weight,
+        backend.array_module(x).matmul(cols.reshape(b * oh * ow, -1), weight[0],
                                        out=y_t.reshape(b * oh * ow, -1))
         self._add_bias(y_t.transpose(0, 3, 1, 2), y[part])
 
-    def _backward_channels_last(self, x, dy, dx, part, worker, weight):
+    def _backward_channels_last(self, x, dy, dx, part, worker, weights):
         xp = backend.array_module(dy)
         kh, kw = self.kernel_size
         oh, ow, hp, wp = self.geometry(x)
         p, s, oc = self.padding, self.stride, self.out_channels
-        cols = self._channels_last_cols(x, part, worker)                      # recomputed
+        cols = self._channels_last_cols(x, part, worker, (p, p), "x")          # recomputed
         b, c = cols.shape[0], self.in_channels
         dy_t = self._buffer("dy channels last", worker, (b, oh, ow, oc), dy)
         dy_t[...] = dy[part].transpose(0, 2, 3, 1)
         dy_t = dy_t.reshape(-1, oc)                                           # (B*OH*OW, OC)
-        if dx is not None:
+        d_weight_t = cols.reshape(b * oh * ow, -1).T @ dy_t                    # (kh*kw*C, OC)
+        d_weight = d_weight_t.reshape(kh, kw, c, oc).transpose(3, 2, 0, 1).reshape(oc, -1)
+        if dx is not None and self._dx_as_convolution():      # cols' buffer is free again
+            h, w = x.shape[2], x.shape[3]
+            d_cols = self._channels_last_cols(dy, part, worker, (kh - 1 - p, kw - 1 - p), "dy")
+            dx_t = self._buffer("dx channels last", worker, (b, h, w, c), dy)
+            xp.matmul(d_cols.reshape(b * h * w, -1), weights[1], out=dx_t.reshape(b * h * w, c))
+            dx[part] = dx_t.transpose(0, 3, 1, 2)
+        elif dx is not None:
             d_cols = self._buffer("dcols channels last", worker, (b, oh, ow, kh, kw, c), dy)
-            xp.matmul(dy_t, weight.T, out=d_cols.reshape(b * oh * ow, -1))
+            xp.matmul(dy_t, weights[0].T, out=d_cols.reshape(b * oh * ow, -1))
             dx_pad = self._buffer("dx channels last", worker, (b, hp, wp, c), dy)
             dx_pad.fill(0)
             for i in range(kh):                       # col2im: each offset's share added back
                 for j in range(kw):
                     dx_pad[:, i:i + s * oh:s, j:j + s * ow:s] += d_cols[:, :, :, i, j]
             dx[part] = dx_pad[:, p:p + x.shape[2], p:p + x.shape[3]].transpose(0, 3, 1, 2)
-        d_weight_t = cols.reshape(b * oh * ow, -1).T @ dy_t                    # (kh*kw*C, OC)
-        d_weight = d_weight_t.reshape(kh, kw, c, oc).transpose(3, 2, 0, 1).reshape(oc, -1)
         return d_weight, dy_t.sum(axis=0)
 
     # One chunk of images, stride 1: flat cols, one product per image ---------------
