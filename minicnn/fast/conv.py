@@ -221,7 +221,7 @@ class FastConv2d(Conv2d):
         path = self.path(x)
         chunk_forward = {"flat": self._forward_flat, "im2col": self._forward_im2col,
                          "channels-last": self._forward_channels_last}[path]
-        weight = (self._channels_last_weight(),) if path == "channels-last" else None
+        weight = self._channels_last_weight() if path == "channels-last" else None
         parallel.run_chunks(lambda part, worker: chunk_forward(x, y, part, worker, weight),
                             self.chunks(x, path), x)
         self.cache = x if self.training else None
@@ -235,11 +235,10 @@ class FastConv2d(Conv2d):
         path = self.path(x)
         chunk_backward = {"flat": self._backward_flat, "im2col": self._backward_im2col,
                           "channels-last": self._backward_channels_last}[path]
-        weight = None
-        if path == "channels-last":                  # W^T, and W_rot if dx is a convolution
-            weight = (self._channels_last_weight(),
-                      self._rotated_weight() if dx is not None and self._dx_as_convolution()
-                      else None)
+        weight = None                  # channels last: dx's factor, W_rot or (for col2im) W^T
+        if path == "channels-last" and dx is not None:
+            weight = (self._rotated_weight() if self._dx_as_convolution()
+                      else self._channels_last_weight())
         self.store_grads(parallel.run_chunks(
             lambda part, worker: chunk_backward(x, dy, dx, part, worker, weight),
             self.chunks(x, path, dx=dx is not None), x))
@@ -347,11 +346,11 @@ class FastConv2d(Conv2d):
         cols = self._channels_last_cols(x, part, worker, (p, p), "x")
         b = cols.shape[0]
         y_t = self._buffer("y channels last", worker, (b, oh, ow, self.out_channels), x)
-        backend.array_module(x).matmul(cols.reshape(b * oh * ow, -1), weight[0],
+        backend.array_module(x).matmul(cols.reshape(b * oh * ow, -1), weight,
                                        out=y_t.reshape(b * oh * ow, -1))
         self._add_bias(y_t.transpose(0, 3, 1, 2), y[part])
 
-    def _backward_channels_last(self, x, dy, dx, part, worker, weights):
+    def _backward_channels_last(self, x, dy, dx, part, worker, weight):
         xp = backend.array_module(dy)
         kh, kw = self.kernel_size
         oh, ow, hp, wp = self.geometry(x)
@@ -367,11 +366,11 @@ class FastConv2d(Conv2d):
             h, w = x.shape[2], x.shape[3]
             d_cols = self._channels_last_cols(dy, part, worker, (kh - 1 - p, kw - 1 - p), "dy")
             dx_t = self._buffer("dx channels last", worker, (b, h, w, c), dy)
-            xp.matmul(d_cols.reshape(b * h * w, -1), weights[1], out=dx_t.reshape(b * h * w, c))
+            xp.matmul(d_cols.reshape(b * h * w, -1), weight, out=dx_t.reshape(b * h * w, c))
             dx[part] = dx_t.transpose(0, 3, 1, 2)
         elif dx is not None:
             d_cols = self._buffer("dcols channels last", worker, (b, oh, ow, kh, kw, c), dy)
-            xp.matmul(dy_t, weights[0].T, out=d_cols.reshape(b * oh * ow, -1))
+            xp.matmul(dy_t, weight.T, out=d_cols.reshape(b * oh * ow, -1))
             dx_pad = self._buffer("dx channels last", worker, (b, hp, wp, c), dy)
             dx_pad.fill(0)
             for i in range(kh):                       # col2im: each offset's share added back
