@@ -1,4 +1,4 @@
-"""The README's "Bring your own model" runs as written: its Python trains and saves a model
+"""docs/own-model.md runs as written: its Python trains and saves a model
 (on a tiny CIFAR-10 look-alike), its commands classify, export and convert that file, and
 its onnxruntime lines give the logits minicnn gives."""
 
@@ -18,8 +18,7 @@ from conftest import example_images, make_cifar_folder
 from minicnn import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTION = (ROOT / "README.md").read_text().split("## Bring your own model\n", 1)[1] \
-    .split("\n## ", 1)[0]
+SECTION = (ROOT / "docs" / "own-model.md").read_text()
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", SECTION, flags=re.S)
 TRAIN, COMMANDS, ONNXRUNTIME = (code for _, code in BLOCKS)
 
@@ -34,7 +33,7 @@ def test_the_section_is_one_example_in_three_blocks():
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """A folder where the README's Python has run, as a user's project would be."""
+    """A folder where the page's Python has run, as a user's project would be."""
     folder = tmp_path_factory.mktemp("own_model")
     data = make_cifar_folder(folder / "data", per_batch=20)
     (folder / "examples").symlink_to(ROOT / "examples")
@@ -48,7 +47,7 @@ def workdir(tmp_path_factory):
 
 
 def run_command(line: str, workdir) -> subprocess.CompletedProcess:
-    """One README command line, with `minicnn` this checkout's (python -m minicnn)."""
+    """One command line of the page, with `minicnn` this checkout's (python -m minicnn)."""
     folder, env = workdir
     script = f'minicnn() {{ "{sys.executable}" -m minicnn "$@"; }}\n{line}'
     return subprocess.run(["bash", "-c", script], cwd=folder, env=env, capture_output=True,
@@ -82,7 +81,7 @@ def test_export_and_the_two_onnxruntime_lines(workdir, monkeypatch):
     x = example_images(metadata)
     monkeypatch.chdir(folder)
     namespace = {"x": x}
-    exec(compile(ONNXRUNTIME, "README.md", "exec"), namespace)
+    exec(compile(ONNXRUNTIME, "docs/own-model.md", "exec"), namespace)
     np.testing.assert_allclose(namespace["logits"], model.eval().forward(x), rtol=1e-4,
                                atol=1e-5)
 
