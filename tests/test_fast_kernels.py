@@ -171,10 +171,15 @@ def test_each_layer_takes_the_path_its_shape_calls_for(xp, shape, channels, expe
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_fast_conv_in_float32_and_float64_without_bias(xp, threads, dtype):
+@pytest.mark.parametrize("path", ["flat", "channels-last", "im2col"])
+def test_fast_conv_in_float32_and_float64_without_bias(xp, threads, dtype, path):
     x = backend.make_rng(2).standard_normal((6, 2, 10, 10)).astype(dtype)
     reference = Conv2d(2, 5, 3, padding=1, bias=False).astype(getattr(xp, dtype))
-    assert_same_results(run(fast_copy(reference), x), run(reference, x))
+    fast = fast_copy(reference)
+    fast.path = lambda x: path
+    results = run(fast, x)
+    assert_same_results(results, run(reference, x))
+    assert set(fast.grads) == {"weight"}
 
 
 def test_a_backward_that_computes_dx_counts_its_dcols_rows_in_the_chunk_size(xp, threads,

@@ -241,15 +241,24 @@ class FastConv2d(Conv2d):
                       else self._channels_last_weight())
         self.store_grads(parallel.run_chunks(
             lambda part, worker: chunk_backward(x, dy, dx, part, worker, weight),
-            self.chunks(x, path, dx=dx is not None), x))
+            self.chunks(x, path, dx=dx is not None), x), channels_last=path == "channels-last")
         return dx
 
-    def store_grads(self, parts) -> None:
-        """grads from the chunks' [(dW, db), ...]: dW and db are sums over images."""
+    def store_grads(self, parts, channels_last: bool = False) -> None:
+        """grads from the chunks' [(dW, db), ...]: dW and db are sums over images (db is
+        None without a bias). ``channels_last``: the chunks' dW are dW^T with rows in
+        cols' (i, j, c) order, added up first and put in W's order once."""
         d_weight = sum(d_weight for d_weight, _ in parts)
+        if channels_last:
+            kh, kw = self.kernel_size
+            d_weight = d_weight.reshape(kh, kw, self.in_channels, -1).transpose(3, 2, 0, 1)
         self.grads["weight"] = d_weight.reshape(self.params["weight"].shape)
         if "bias" in self.params:
             self.grads["bias"] = sum(d_bias for _, d_bias in parts)
+
+    def _bias_grad(self, sum_dy):
+        """db = sum_dy(), computed only if this layer has a bias (else None)."""
+        return sum_dy() if "bias" in self.params else None
 
     def _add_bias(self, maps, out):
         """out = maps + bias (one pass, no temporary); maps is (N, OC, ...)."""
@@ -277,7 +286,7 @@ class FastConv2d(Conv2d):
         if dx is not None:
             dx[part] = col2im(weight.T @ dy_mat, x[part].shape, kh, kw, self.stride, self.padding)
         d_weight = (cols @ dy_mat.T).T    # this chunk's dW = dY @ cols.T; BLAS is faster
-        return d_weight, dy_mat.sum(axis=1)   # at this shape with the long axis inside
+        return d_weight, self._bias_grad(lambda: dy_mat.sum(axis=1))   # (long axis inside)
 
     # One chunk of images, channels last: cols (B*OH*OW, kh*kw*C) -------------------
     #
@@ -360,8 +369,7 @@ class FastConv2d(Conv2d):
         dy_t = self._buffer("dy channels last", worker, (b, oh, ow, oc), dy)
         dy_t[...] = dy[part].transpose(0, 2, 3, 1)
         dy_t = dy_t.reshape(-1, oc)                                           # (B*OH*OW, OC)
-        d_weight_t = cols.reshape(b * oh * ow, -1).T @ dy_t                    # (kh*kw*C, OC)
-        d_weight = d_weight_t.reshape(kh, kw, c, oc).transpose(3, 2, 0, 1).reshape(oc, -1)
+        d_weight_t = cols.reshape(b * oh * ow, -1).T @ dy_t      # (kh*kw*C, OC), see store_grads
         if dx is not None and self._dx_as_convolution():      # cols' buffer is free again
             h, w = x.shape[2], x.shape[3]
             d_cols = self._channels_last_cols(dy, part, worker, (kh - 1 - p, kw - 1 - p), "dy")
@@ -377,7 +385,7 @@ class FastConv2d(Conv2d):
                 for j in range(kw):
                     dx_pad[:, i:i + s * oh:s, j:j + s * ow:s] += d_cols[:, :, :, i, j]
             dx[part] = dx_pad[:, p:p + x.shape[2], p:p + x.shape[3]].transpose(0, 3, 1, 2)
-        return d_weight, dy_t.sum(axis=0)
+        return d_weight_t, self._bias_grad(lambda: dy_t.sum(axis=0))
 
     # One chunk of images, stride 1: flat cols, one product per image ---------------
     #
@@ -462,8 +470,8 @@ class FastConv2d(Conv2d):
             raise ValueError("outputs in pairs have no dx: use the (B, OC, OH, Wp) grid")
         cols = self._cols(x, part, worker, flat=True, pairs=pairs)              # recomputed
         xp = backend.array_module(dy_grid)
-        db = xp.einsum("bol->o", dy_grid.reshape(b, self.out_channels, -1))   # sum over
-        # images and grid cells (einsum's loop is faster here than sum(axis=(0, 2)))
+        db = self._bias_grad(lambda: xp.einsum("bol->o", dy_grid.reshape(b, self.out_channels, -1)))
+        # db sums over images and grid cells (einsum's loop is faster than sum(axis=(0, 2)))
         dy_rows = self.out_channels * (2 if pairs else 1)
         dy_grid = dy_grid.reshape(b, dy_rows, -1)                  # (B, OC or 2*OC, grid cells)
         if dx is not None:      # dcols = W.T @ dY, in rows padded with zeros for col2im_flat_rows
