@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from conftest import every_layer_model, example_images, lived_in
 
-from minicnn import BatchNorm2d, build_model, load_model, save_model
+from minicnn import BatchNorm2d, build_model, kernels, load_model, save_model
 from minicnn.checkpoint import CheckpointError
 from minicnn.cli import main
 from minicnn.interop import load_torch_state_dict, read_torch_weights, torch_state_dict
@@ -51,7 +51,8 @@ def test_npz_to_safetensors_and_back_needs_nothing_else(tmp_path, capsys):
     assert metadata["converted_from"] == "m.safetensors"
     for name, value in model.state_dict().items():
         np.testing.assert_array_equal(back.state_dict()[name], value)
-    x = images()
+    x = images()                      # on the same kernels (load_model's are the default)
+    back = kernels.prepare(back, kernels.of(model))
     np.testing.assert_array_equal(back.eval().forward(x), model.eval().forward(x))
     assert "wrote" in capsys.readouterr().out
 

@@ -10,7 +10,9 @@ its layers (:mod:`minicnn.kernels` does that; nothing else should):
     FastMaxPool2d   2x2 stride-2 windows as a knockout bracket, one part of the
                     batch per thread                            (fast/pooling.py)
     FastSequential  each conv -> ReLU -> 2x2 max-pool run fused into one pass
-                    per chunk of images                         (fast/fused.py)
+                    per chunk of images                         (fast/fused.py);
+                    in eval mode each BatchNorm folded into the
+                    conv before it                              (fast/folded.py)
     FastBatchNorm2d in training, the batch statistics summed over the threads'
                     parts of the batch and over the processes that share it
                     (replicas)                                  (fast/norm.py)

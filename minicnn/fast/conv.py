@@ -72,6 +72,7 @@ class FastConv2d(Conv2d):
     reference_layer = Conv2d
     transient = {**Conv2d.transient, "_scratch": dict}
     chunk_images = "auto"
+    relu_output = False     # ReLU on the output as each chunk is written (folded inference)
 
     @property
     def _scratch(self) -> dict:
@@ -260,13 +261,17 @@ class FastConv2d(Conv2d):
         """db = sum_dy(), computed only if this layer has a bias (else None)."""
         return sum_dy() if "bias" in self.params else None
 
-    def _add_bias(self, maps, out):
-        """out = maps + bias (one pass, no temporary); maps is (N, OC, ...)."""
+    def _add_bias_and_relu(self, out, channel_axis: int) -> None:
+        """In place on a chunk's output, while it is in the cache, before it is copied
+        into y: out += bias (the channels along ``channel_axis``), then with relu_output
+        out = max(out, 0)."""
+        xp = backend.array_module(out)
         if "bias" in self.params:
-            bias = self.params["bias"].reshape((-1,) + (1,) * (maps.ndim - 2))
-            backend.array_module(maps).add(maps, bias, out=out)
-        else:
-            out[...] = maps
+            shape = [1] * out.ndim
+            shape[channel_axis] = -1
+            out += self.params["bias"].reshape(shape)
+        if self.relu_output:
+            xp.maximum(out, 0, out=out)
 
     # One chunk of images, the plain formulas: cols (C*kh*kw, B*OH*OW) --------------
 
@@ -275,8 +280,8 @@ class FastConv2d(Conv2d):
         weight = self.params["weight"].reshape(self.out_channels, -1)          # (OC, C*kh*kw)
         cols = self._cols(x, part, worker, flat=False)
         y_mat = weight @ cols                                                   # (OC, B*OH*OW)
-        maps = y_mat.reshape(self.out_channels, -1, oh, ow).transpose(1, 0, 2, 3)
-        self._add_bias(maps, y[part])
+        self._add_bias_and_relu(y_mat, 0)
+        y[part] = y_mat.reshape(self.out_channels, -1, oh, ow).transpose(1, 0, 2, 3)
 
     def _backward_im2col(self, x, dy, dx, part, worker, _=None):
         kh, kw = self.kernel_size
@@ -357,7 +362,8 @@ class FastConv2d(Conv2d):
         y_t = self._buffer("y channels last", worker, (b, oh, ow, self.out_channels), x)
         backend.array_module(x).matmul(cols.reshape(b * oh * ow, -1), weight,
                                        out=y_t.reshape(b * oh * ow, -1))
-        self._add_bias(y_t.transpose(0, 3, 1, 2), y[part])
+        self._add_bias_and_relu(y_t, -1)
+        y[part] = y_t.transpose(0, 3, 1, 2)
 
     def _backward_channels_last(self, x, dy, dx, part, worker, weight):
         xp = backend.array_module(dy)
@@ -397,7 +403,10 @@ class FastConv2d(Conv2d):
     def _forward_flat(self, x, y, part, worker, _=None):
         grid = self.flat_forward(x, part, worker)
         for grid_part, columns in self.grid_columns(grid, self.geometry(x)[1]):
-            y[part][..., columns] = grid_part
+            if self.relu_output:
+                backend.array_module(x).maximum(grid_part, 0, out=y[part][..., columns])
+            else:
+                y[part][..., columns] = grid_part
 
     def _backward_flat(self, x, dy, dx, part, worker, _=None):
         pairs = self.takes_pairs_path(x, dx=dx is not None)
@@ -454,7 +463,8 @@ class FastConv2d(Conv2d):
         grid = self.flat_grid(x, part, worker, pairs=pairs)
         b = grid.shape[0]
         backend.array_module(x).matmul(weight, cols, out=grid.reshape(b, weight.shape[0], -1))
-        self._add_bias(grid, grid)
+        if "bias" in self.params:
+            grid += self.params["bias"].reshape((-1,) + (1,) * (grid.ndim - 2))
         return grid
 
     def flat_backward(self, x, dy_grid, dx, part, worker):

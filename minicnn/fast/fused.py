@@ -39,7 +39,8 @@ Inference goes further: in eval mode FastSequential splits a batch into one
 part per thread, and each thread runs its part through every layer (the
 convs' own chunks then run in that thread, minicnn.fast.parallel). Layer by
 layer, only the convs ran on all cores while BatchNorm, ReLU and pooling
-waited on one; now every layer does, in arrays a fraction of the size.
+waited on one; now every layer does, in arrays a fraction of the size. And each
+BatchNorm is folded into the conv before it (minicnn.fast.folded).
 """
 
 from __future__ import annotations
@@ -127,12 +128,19 @@ class ConvReluPool:
         return dx
 
 
-def plan(layers) -> list:
+def plan(layers, fold: bool = False) -> list:
     """The steps that run ``layers``: each Conv2d, ReLU, MaxPool2d(2) run becomes one
-    ConvReluPool, every other layer is its own step."""
+    ConvReluPool; with ``fold`` (eval mode), each Conv2d, [MaxPool2d,] BatchNorm2d[,
+    ReLU] run that folds (minicnn.fast.folded) one FoldedConv; every other layer is its
+    own step."""
+    from minicnn.fast.folded import FoldedConv        # (that module builds on this one)
     steps, index = [], 0
     while index < len(layers):
-        if ConvReluPool.fits(layers[index:index + 3]):
+        folded, count = FoldedConv.take(layers[index:]) if fold else (None, 0)
+        if folded is not None:
+            steps.append(folded)
+            index += count
+        elif ConvReluPool.fits(layers[index:index + 3]):
             steps.append(ConvReluPool(*layers[index:index + 3]))
             index += 3
         else:
@@ -155,7 +163,7 @@ class FastSequential(Sequential):
 
     def forward(self, x):
         check_input(self, x)
-        self._steps = plan(self.layers)
+        self._steps = plan(self.layers, fold=not self.training)
         parts = self._inference_parts(x)
         if parts is None:
             return self._run_steps(x)

@@ -83,14 +83,10 @@ class BatchNorm2d(Module):
             raise ValueError(f"BatchNorm2d expected (N, {self.num_features}, H, W), "
                              f"got {tuple(x.shape)}")
         if not self.training:
-            inv_std = 1.0 / xp.sqrt(self.buffers["running_var"] + self.eps)
-            scale = self._times_gamma(inv_std).astype(x.dtype)
-            shift = -self.buffers["running_mean"] * scale
-            if "bias" in self.params:
-                shift = shift + self.params["bias"]
+            scale, shift = self.eval_affine(x.dtype)
             self.cache = ("eval", scale)
             y = x * _per_channel(scale)
-            y += _per_channel(shift.astype(x.dtype))
+            y += _per_channel(shift)
             return y
         m = x.size // self.num_features
         if m < 2:
@@ -112,6 +108,17 @@ class BatchNorm2d(Module):
         if "bias" in self.params:
             y += _per_channel(self.params["bias"])
         return y
+
+    def eval_affine(self, dtype):
+        """Eval mode's fixed map y = x * scale + shift, per channel, as ``dtype``:
+        scale = gamma / sqrt(running_var + eps), shift = beta - running_mean * scale."""
+        xp = backend.array_module(self.buffers["running_var"])
+        inv_std = 1.0 / xp.sqrt(self.buffers["running_var"] + self.eps)
+        scale = self._times_gamma(inv_std).astype(dtype)
+        shift = -self.buffers["running_mean"] * scale
+        if "bias" in self.params:
+            shift = shift + self.params["bias"]
+        return scale, shift.astype(dtype)
 
     def backward(self, dy):
         if self.cache is None:
