@@ -91,10 +91,12 @@ class FastBatchNorm2d(BatchNorm2d):
             xhat[part] *= _per_channel(inv_std)
             if "weight" in self.params:
                 xp.multiply(xhat[part], _per_channel(self.params["weight"]), out=y[part])
+                if "bias" in self.params:
+                    y[part] += _per_channel(self.params["bias"])
+            elif "bias" in self.params:                # y = xhat + beta in one pass
+                xp.add(xhat[part], _per_channel(self.params["bias"]), out=y[part])
             else:
                 y[part] = xhat[part]
-            if "bias" in self.params:
-                y[part] += _per_channel(self.params["bias"])
 
         _over_parts(scale, parts, x)
         self.cache = ("train", xhat, inv_std, m)
