@@ -93,3 +93,31 @@ def test_bad_options_are_refused_in_one_line(args, message):
     result = bench(*args, check=False)
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+# --- benchmarks/gemm_floor.py ---------------------------------------------------------
+
+FLOOR = SCRIPT.parent / "gemm_floor.py"
+
+
+def floor(*args, check=True):
+    return subprocess.run([sys.executable, str(FLOOR), *args], capture_output=True,
+                          text=True, timeout=120, check=check)
+
+
+def test_the_gemm_floor_times_each_conv_and_adds_them_up():
+    out = floor("--model", "lenet", "--batch-size", "2", "--repeats", "1").stdout
+    rows = [line.split() for line in out.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["3->6", "6->16", "total"]
+    first, second, total = rows
+    assert float(first[6]) == 0.0 and float(second[6]) > 0     # the image needs no dx
+    assert float(total[1]) == pytest.approx(                   # (each rounded to 0.01)
+        sum(float(value) for row in rows[:2] for value in row[4:7]), abs=0.04)
+
+
+@pytest.mark.parametrize("args,message", [(("--model", "resnet"), "unknown model 'resnet'"),
+                                          (("--batch-size", "0"), "at least 1")])
+def test_the_gemm_floor_refuses_bad_options(args, message):
+    result = floor(*args, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
