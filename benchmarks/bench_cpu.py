@@ -195,11 +195,10 @@ def run_child(engine: str, name: str, case: str, args) -> dict | None:
                "minicnn" if engine == "baseline" else engine, name, case,
                "--warmup", str(args.warmup), "--seconds", str(args.seconds)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-    if result.returncode == 3:                 # the engine is not installed
+    if result.returncode == 3 and engine == "torch":       # PyTorch is not installed
         return None
     if result.returncode != 0:
-        tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"{engine} {name} {case} failed: {tail}")
+        raise RuntimeError(f"{engine} {name} {case} failed: {_last_line(result.stderr)}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -302,8 +301,7 @@ def run_epoch_race(args, has_torch: bool) -> None:
                                         env=child_env(args), check=False)
                 wall = time.perf_counter() - start
                 if result.returncode != 0:
-                    tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-                    raise SystemExit(f"bench_cpu.py: error: {engine} failed: {tail}")
+                    raise RuntimeError(f"{engine} failed: {_last_line(result.stderr)}")
                 times[engine].append(wall)
                 epochs[engine] += [float(s) for s in EPOCH_SECONDS.findall(result.stdout)]
                 print(f"round {round_index + 1} {engine:<8} {wall:7.1f} s wall", flush=True)
@@ -392,7 +390,11 @@ def kernel_report(env: dict) -> str:
             "print(', '.join(parts) + f', {os.cpu_count()} CPUs')\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=env, check=False)
-    return result.stdout.strip() or result.stderr.strip()
+    return result.stdout.strip() or "kernels unknown: " + _last_line(result.stderr)
+
+
+def _last_line(text: str) -> str:
+    return (text.strip().splitlines() or ["no output"])[-1]
 
 
 def torch_installed() -> bool:
@@ -454,8 +456,11 @@ def main(argv=None) -> int:
         engine, name, case = args.child
         try:
             result = child(engine, name, case, args.warmup, args.seconds)
-        except ImportError:
-            return 3
+        except ImportError as exc:
+            if engine == "torch":
+                return 3                      # PyTorch is optional: its column shows "-"
+            print(f"bench_cpu.py: error: {exc}", file=sys.stderr)
+            return 1
         print(json.dumps(result))
         return 0
     has_torch = torch_installed()
@@ -465,10 +470,14 @@ def main(argv=None) -> int:
             for batch_size in (64, 256):
                 profile(name, batch_size, args.profile_steps)
         return 0
-    if args.epoch:
-        run_epoch_race(args, has_torch)
-        return 0
-    print_table(args, has_torch)
+    try:
+        if args.epoch:
+            run_epoch_race(args, has_torch)
+        else:
+            print_table(args, has_torch)
+    except RuntimeError as exc:                # a child failed: its last line says why
+        print(f"bench_cpu.py: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -95,6 +95,23 @@ def test_bad_options_are_refused_in_one_line(args, message):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("exit_code", [1, 3])
+def test_a_failing_child_stops_the_run_in_one_line(tmp_path, exit_code):
+    """A baseline checkout whose benchmark cannot run (here: a missing module) ends the
+    run with that reason on one line, not a traceback or a table of nothing."""
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "bench_cpu.py").write_text(
+        "import sys\n"
+        "print(\"ModuleNotFoundError: No module named 'threadpoolctl'\", file=sys.stderr)\n"
+        f"sys.exit({exit_code})\n")
+    result = bench("--models", "lenet", "--cases", "infer-16", "--baseline", str(tmp_path),
+                   *QUICK, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "bench_cpu.py: error: baseline lenet infer-16 failed: "
+        "ModuleNotFoundError: No module named 'threadpoolctl'"]
+
+
 # --- benchmarks/gemm_floor.py ---------------------------------------------------------
 
 FLOOR = SCRIPT.parent / "gemm_floor.py"
